@@ -1,0 +1,398 @@
+"""Image generation (sample.py, "image generation" section) against transformers' generate, plus invariants.
+
+Parity: a tiny random "-hf" checkpoint (tests/hf_tiny.py: full 184622 vocabulary, Qwen-BPE tokenizer, 8x VQ) runs
+transformers' recipe (reference §7.6: guidance_scale=3.0, negative_prompt_ids built WITH the image prefix,
+prefix_allowed_tokens_fn = the Emu3 docs' grid rule, greedy) and ours (one 2B-row batch, static cache, device mask).
+Greedy tokens must be identical, every greedy step having a top-2 margin far above float noise, and the decoded
+PNGs within 1 per channel of transformers' decode_image_tokens + processor postprocess.
+Properties (hypothesis, fake logits, no model): whatever the logits, the output is h rows of w visual tokens + EOL,
+then EOF, EOI, EOS.
+"""
+import copy
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import convert
+import sample
+from emu3 import Emu3Config
+from hf_tiny import write_hf_tiny
+from vqvae import postprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIN_MARGIN = 1e-3  # greedy top-2 gap we require; fp32 CPU noise between the implementations is ~1e-5
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """(hf dir, our converted dir) of one tiny random checkpoint."""
+    hf_dir = str(tmp_path_factory.mktemp("hf_tiny"))
+    write_hf_tiny(hf_dir, seed=0)
+    ours = str(tmp_path_factory.mktemp("ours_tiny"))
+    convert.convert(hf_dir, ours, dtype="float32")
+    return hf_dir, ours
+
+
+@pytest.fixture(scope="module")
+def models(ckpt):
+    from transformers import Emu3ForConditionalGeneration, Emu3Processor
+    hf_dir, ours_dir = ckpt
+    hf = Emu3ForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    processor = Emu3Processor.from_pretrained(hf_dir)
+    model, cfg = convert.load_emu3(ours_dir, "cpu", torch.float32)
+    return dict(hf=hf, processor=processor, model=model, cfg=cfg, vq=convert.load_vqvae(ours_dir),
+                tok=convert.load_tokenizer(ours_dir))
+
+
+def prefix_fn(h, w, cfg):
+    """The grid rule as Emu3's docs write prefix_allowed_tokens_fn for transformers (reference §7.3)."""
+    visual = list(range(cfg.visual_offset, cfg.visual_offset + cfg.codebook_size))
+
+    def fn(batch_id, input_ids):
+        position = torch.nonzero(input_ids == cfg.img_id, as_tuple=True)[0][0]
+        offset = input_ids.shape[0] - position
+        if offset % (w + 1) == 0:
+            return (cfg.eol_id,)
+        elif offset == (w + 1) * h + 1:
+            return (cfg.eof_id,)
+        elif offset == (w + 1) * h + 2:
+            return (cfg.eoi_id,)
+        elif offset == (w + 1) * h + 3:
+            return (cfg.eos_id,)
+        elif offset > (w + 1) * h + 3:
+            return (cfg.pad_id,)
+        return visual
+    return fn
+
+
+def ours_greedy(monkeypatch, model, cond, neg, h, w):
+    """Our greedy generation, also returning the smallest top-2 gap of the scores it took an argmax of."""
+    gaps, real = [], sample.sample_token
+
+    def recording(scores, greedy, generator=None):
+        top2 = scores.topk(2, dim=-1).values
+        gaps.append((top2[:, 0] - top2[:, 1]).min().item())  # forced steps: 0 - (-inf) = inf
+        return real(scores, greedy, generator)
+    monkeypatch.setattr(sample, "sample_token", recording)
+    out = sample.generate_image_tokens(model, cond, neg, h, w, guidance=3.0, top_k=1)
+    monkeypatch.setattr(sample, "sample_token", real)
+    return out, min(gaps)
+
+
+def hf_generate(m, texts, ratio, area, h, w):
+    """transformers' recipe, greedy. Returns (prompt ids, negative ids, new tokens, PIL images)."""
+    hf, processor, cfg = m["hf"], m["processor"], m["cfg"]
+    pos = processor(text=[t + sample.POSITIVE_PROMPT for t in texts], return_for_image_generation=True,
+                    ratio=ratio, image_area=area, padding=True, return_tensors="pt")
+    neg = processor(text=[sample.NEGATIVE_PROMPT] * len(texts), return_for_image_generation=True,
+                    ratio=ratio, image_area=area, padding=True, return_tensors="pt")
+    assert pos["image_sizes"][0] == [h, w]
+    n_new = h * (w + 1) + 3
+    with torch.no_grad():
+        out = hf.generate(input_ids=pos["input_ids"], attention_mask=pos["attention_mask"], do_sample=False,
+                          guidance_scale=3.0, negative_prompt_ids=neg["input_ids"],
+                          negative_prompt_attention_mask=neg["attention_mask"],
+                          prefix_allowed_tokens_fn=prefix_fn(h, w, cfg), max_new_tokens=n_new,
+                          pad_token_id=cfg.pad_id, eos_token_id=cfg.eos_id)
+        new = out[:, pos["input_ids"].shape[1]:]
+        img = hf.decode_image_tokens(image_tokens=new, height=h, width=w)  # VQ in fp32 (model loaded in fp32)
+    pils = processor.postprocess(list(img.float()), return_tensors="PIL.Image.Image")["pixel_values"]
+    unpad = lambda ids, mask: [i for i, k in zip(ids.tolist(), mask.tolist()) if k]
+    return ([unpad(*r) for r in zip(pos["input_ids"], pos["attention_mask"])],
+            [unpad(*r) for r in zip(neg["input_ids"], neg["attention_mask"])], new, pils)
+
+
+def ours_images(m, tokens, h, w):
+    codes = sample.tokens_to_codes(tokens, h, w, m["cfg"])
+    with torch.no_grad():
+        return [np.asarray(postprocess(x)) for x in m["vq"].decode(codes)]
+
+
+@pytest.mark.parametrize("ratio,area,texts", [
+    ("1:1", 1024, ["a red fox in the snow"]),
+    ("16:9", 1024, ["a lighthouse at dusk"]),
+    ("9:16", 1024, ["portrait of an old sailor"]),
+    ("1:1", 1024, ["a cat", "a very long prompt about a small dog running on a sunny beach"]),  # batch, padded
+])
+def test_greedy_parity_with_transformers(models, monkeypatch, ratio, area, texts):
+    m, cfg = models, models["cfg"]
+    h, w = sample.generate_size(ratio, area)
+    hf_pos, hf_neg, hf_new, hf_pils = hf_generate(m, texts, ratio, area, h, w)
+    # our prompt building gives transformers' processor's ids, negative prompt included
+    cond = [sample.gen_prompt_ids(m["tok"], t + sample.POSITIVE_PROMPT, h, w, cfg) for t in texts]
+    neg = [sample.gen_prompt_ids(m["tok"], sample.NEGATIVE_PROMPT, h, w, cfg)] * len(texts)
+    assert cond == hf_pos and neg == hf_neg
+
+    out, margin = ours_greedy(monkeypatch, m["model"], cond, neg, h, w)
+    assert margin > MIN_MARGIN, f"greedy near-tie ({margin:.2e}): pick another prompt or seed"
+    assert out.shape == hf_new.shape == (len(texts), h * (w + 1) + 3)
+    assert torch.equal(out, hf_new)
+    for ours, theirs in zip(ours_images(m, out, h, w), hf_pils):
+        theirs = np.asarray(theirs)
+        assert ours.shape == theirs.shape == (8 * h, 8 * w, 3)
+        assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
+    if len(texts) == 2:  # the answer depends on the prompt: different prompts, different grids
+        assert not torch.equal(out[0], out[1])
+
+
+def test_one_batch_equals_two_passes(models, monkeypatch):
+    """2B rows in one forward == the reference's two-pass formulation (uncond: its own cache, positions from 0)."""
+    m, cfg = models, models["cfg"]
+    h, w = 3, 4
+    tok = m["tok"]
+    cond = [sample.gen_prompt_ids(tok, t + sample.POSITIVE_PROMPT, h, w, cfg)
+            for t in ["a cat", "a long winding road through autumn hills"]]
+    neg = [sample.gen_prompt_ids(tok, "blurry", h, w, cfg)] * 2  # shorter than cond: its rows are padded too
+    out, margin = ours_greedy(monkeypatch, m["model"], cond, neg, h, w)
+    assert margin > MIN_MARGIN
+
+    # two passes: two model copies, each with its own cache; cond left padded, uncond unpadded from position 0
+    mc, mu = copy.deepcopy(m["model"]), copy.deepcopy(m["model"])
+    Lc, Ln, n_new = max(map(len, cond)), len(neg[0]), h * (w + 1) + 3
+    pad_c = torch.tensor([Lc - len(r) for r in cond])
+    mc.setup_cache(2, Lc + n_new)
+    mu.setup_cache(2, Ln + n_new)
+    with torch.no_grad():
+        lc = mc(torch.tensor([[cfg.pad_id] * (Lc - len(r)) + r for r in cond]), pad=pad_c, last_only=True)[:, -1]
+        lu = mu(torch.tensor(neg), last_only=True)[:, -1]
+        ref = []
+        for i in range(n_new):
+            scores = sample.cfg_scores(lc, lu, 3.0)
+            scores = scores + sample.grid_mask(torch.tensor(i + 1), h, w, cfg, scores.shape[-1])
+            t = scores.argmax(-1)
+            ref.append(t)
+            lc = mc(t[:, None], input_pos=torch.tensor([Lc + i]), pad=pad_c)[:, -1]
+            lu = mu(t[:, None], input_pos=torch.tensor([Ln + i]))[:, -1]
+    assert torch.equal(out, torch.stack(ref, 1))
+
+
+def test_seed_reproducible_and_seed_dependent(models):
+    m, cfg = models, models["cfg"]
+    h, w = 3, 3
+    cond = [sample.gen_prompt_ids(m["tok"], "a red fox" + sample.POSITIVE_PROMPT, h, w, cfg)]
+    neg = [sample.gen_prompt_ids(m["tok"], sample.NEGATIVE_PROMPT, h, w, cfg)]
+    # a hot temperature: the tiny model's logits are spread wide on purpose (greedy margins), which leaves
+    # plain sampling almost deterministic
+    run = lambda seed: sample.generate_image_tokens(m["model"], cond, neg, h, w, top_k=2048, temperature=100.0,
+                                                    generator=torch.Generator().manual_seed(seed))
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_cli_same_seed_same_image(ckpt, tmp_path):
+    _, ours = ckpt
+    kw = dict(ckpt=ours, prompt=["a red fox"], negative_prompt=sample.NEGATIVE_PROMPT, ratio="4:3", area=2048,
+              guidance=3.0, top_k=2048, temperature=100.0, batch=2, seed=7, device="cpu", dtype="float32",
+              compile=False)
+    sample.image(out=str(tmp_path / "a.png"), **kw)
+    sample.image(out=str(tmp_path / "b.png"), **kw)
+    from PIL import Image
+    img = lambda name: np.asarray(Image.open(tmp_path / name))
+    h, w = sample.generate_size("4:3", 2048)
+    assert img("a_0.png").shape == (8 * h, 8 * w, 3)
+    assert np.array_equal(img("a_0.png"), img("b_0.png")) and np.array_equal(img("a_1.png"), img("b_1.png"))
+    assert not np.array_equal(img("a_0.png"), img("a_1.png"))  # the batch's two samples differ
+
+
+# ---- pure functions ----
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(64, 2_000_000))
+def test_generate_size_matches_processor(width, height, area):
+    from transformers import Emu3Processor
+    expected = Emu3Processor.calculate_generate_size(None, f"{width}:{height}", area, 8)
+    if min(expected) < 1:
+        with pytest.raises(ValueError, match="too small"):
+            sample.generate_size(f"{width}:{height}", area)
+    else:
+        assert sample.generate_size(f"{width}:{height}", area) == expected
+
+
+def test_generate_size_table():
+    from transformers import Emu3Processor
+    for ratio in ["1:1", "4:3", "16:9", "9:16", "3:2"]:
+        for area in [518400, 262144]:
+            assert sample.generate_size(ratio, area) == Emu3Processor.calculate_generate_size(None, ratio, area, 8)
+    assert sample.generate_size("1:1", 518400) == (90, 90)
+
+
+@pytest.mark.parametrize("ratio", ["16x9", "0:1", "1:0", "-1:2", "a:b", "1:2:3", "", "1.5:1"])
+def test_generate_size_bad_ratio(ratio):
+    with pytest.raises(ValueError, match="W:H"):
+        sample.generate_size(ratio, 518400)
+
+
+def test_generate_size_area_too_small():
+    with pytest.raises(ValueError, match="too small"):
+        sample.generate_size("16:9", 10)
+
+
+def test_area_too_large_for_positions():
+    cfg = Emu3Config(dim=8, n_layers=1, n_heads=1, n_kv_heads=1, ffn_dim=8, max_seq_len=9216)
+    fake = FakeModel(cfg, "normal", 0)
+    h, w = sample.generate_size("1:1", 1024 * 1024)  # 128x128 grid: 16515 tokens > 9216 positions
+    with pytest.raises(ValueError, match="positions"):
+        sample.generate_image_tokens(fake, [[cfg.bos_id, cfg.img_id]], [[cfg.bos_id, cfg.img_id]], h, w)
+
+
+def test_cfg_formula():
+    c, u = torch.randn(2, 50), torch.randn(2, 50)
+    lc, lu = torch.log_softmax(c, -1), torch.log_softmax(u, -1)
+    torch.testing.assert_close(sample.cfg_scores(c, u, 3.0), 3.0 * (lc - lu) + lu)
+    torch.testing.assert_close(sample.cfg_scores(c, u, 1.0), lc)
+    assert sample.cfg_scores(c.bfloat16(), u.bfloat16(), 3.0).dtype == torch.float32
+
+
+def test_sampling_is_multinomial():
+    """Our sync-free sampler draws exactly what torch.multinomial draws from the same generator state."""
+    probs_src = torch.randn(4, 1000) * 3
+    ours = sample.sample_token(probs_src, False, torch.Generator().manual_seed(3))
+    ref = torch.multinomial(torch.softmax(probs_src, -1), 1, generator=torch.Generator().manual_seed(3))[:, 0]
+    assert torch.equal(ours, ref)
+    assert torch.equal(sample.sample_token(probs_src, True), probs_src.argmax(-1))
+
+
+SMALL = Emu3Config(vocab_size=60, dim=8, n_layers=1, n_heads=1, n_kv_heads=1, ffn_dim=8, max_seq_len=4096,
+                   pad_id=0, eol_id=1, eof_id=2, bos_id=3, eos_id=4, img_id=5, boi_id=6, eoi_id=7,
+                   visual_offset=10, codebook_size=40)  # ids 50..59 lie past the codebook: not visual
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 12), st.data())
+def test_grid_mask_matches_prefix_fn(h, w, data):
+    """The device mask allows exactly the set Emu3's prefix_allowed_tokens_fn returns, at every offset up to EOS.
+
+    Except where the reference contradicts itself: its EOL rule also fires at EOI's slot (w == 1) or EOS's (w == 2).
+    """
+    cfg, n = SMALL, h * (w + 1)
+    fn = prefix_fn(h, w, cfg)
+    offs = list(range(1, n + 3 * (w + 1) + 2))
+    mask = sample.grid_mask(torch.tensor(offs), h, w, cfg, cfg.vocab_size)  # (n_offs, V)
+    prompt = data.draw(st.lists(st.sampled_from([8, 9, 50]), max_size=3))  # tokens before <|image token|>
+    for off, row in zip(offs, mask):
+        ids = torch.tensor(prompt + [cfg.img_id] + [cfg.visual_offset] * (off - 1))  # len(ids) - p == off
+        ours = set(torch.nonzero(row == 0)[:, 0].tolist())
+        assert torch.isneginf(row[row != 0]).all()
+        if off > n + 3:
+            assert ours == {cfg.pad_id}
+        elif (w, off) in ((1, n + 2), (2, n + 3)):
+            assert set(fn(0, ids)) == {cfg.eol_id} and ours == {cfg.eoi_id if w == 1 else cfg.eos_id}
+        else:
+            assert ours == set(fn(0, ids))
+
+
+class FakeModel(torch.nn.Module):
+    """Stands in for Emu3: adversarial random logits, records what the loop feeds it."""
+
+    def __init__(self, cfg, mode, seed):
+        super().__init__()
+        self.cfg, self.mode, self.g = cfg, mode, torch.Generator().manual_seed(seed)
+        self.embed = torch.nn.Embedding(1, 1)
+        self.fed = []
+
+    def setup_cache(self, batch_size, max_len):
+        pass
+
+    def forward(self, tokens, input_pos=None, pad=None, last_only=False):
+        self.fed.append((tokens.clone(), input_pos.clone()))
+        B, V = tokens.shape[0], self.cfg.vocab_size
+        x = torch.randn(B, 1, V, generator=self.g)
+        if self.mode == "huge":
+            x = x * 1e37
+        elif self.mode == "tiny":
+            x = x * 1e-38
+        elif self.mode == "constant":
+            x = torch.zeros(B, 1, V)
+        elif self.mode == "one":  # every token but one (random, usually not allowed) at -inf
+            keep = torch.randint(V, (B, 1, 1), generator=self.g)
+            x = torch.full((B, 1, V), float("-inf")).scatter(-1, keep, 0.0)
+        elif self.mode == "wants_text":  # specials and text tokens far more likely than any visual token
+            x[..., : self.cfg.visual_offset] += 1e4
+            x[..., self.cfg.visual_offset + self.cfg.codebook_size:] += 1e4
+        return x[:, -1:] if last_only else x
+
+
+def assert_grid(out, h, w, cfg):
+    n = h * (w + 1)
+    assert out.shape[1] == n + 3
+    grid = out[:, :n].view(-1, h, w + 1)
+    assert (grid[:, :, w] == cfg.eol_id).all()
+    vis = grid[:, :, :w]
+    assert ((vis >= cfg.visual_offset) & (vis < cfg.visual_offset + cfg.codebook_size)).all()
+    assert (out[:, n:] == torch.tensor([cfg.eof_id, cfg.eoi_id, cfg.eos_id])).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(h=st.integers(1, 6), w=st.integers(1, 6), B=st.integers(1, 2),
+       mode=st.sampled_from(["normal", "huge", "tiny", "constant", "one", "wants_text"]),
+       guidance=st.sampled_from([0.0, 1.0, 3.0, 7.5]), top_k=st.sampled_from([1, 2, 5, 2048]),
+       temperature=st.sampled_from([0.5, 1.0, 2.0]), seed=st.integers(0, 2**31))
+def test_grid_property_any_logits(h, w, B, mode, guidance, top_k, temperature, seed):
+    cfg = SMALL
+    fake = FakeModel(cfg, mode, seed)
+    cond = [[cfg.bos_id] + [8] * (b + 1) + [cfg.boi_id, 9, cfg.img_id] for b in range(B)]
+    neg = [[cfg.bos_id, 9, cfg.boi_id, 9, cfg.img_id]] * B
+    out = sample.generate_image_tokens(fake, cond, neg, h, w, guidance, top_k, temperature,
+                                       torch.Generator().manual_seed(seed))
+    assert_grid(out, h, w, cfg)
+    # the loop fed both halves the sampled token, one cache column after another, after one prefill
+    L = max(map(len, cond + neg))
+    assert torch.equal(fake.fed[0][1], torch.arange(L))
+    for i, (tokens, input_pos) in enumerate(fake.fed[1:]):
+        assert torch.equal(tokens[:, 0], out[:, i].repeat(2)) and input_pos.tolist() == [L + i]
+    assert len(fake.fed) == h * (w + 1) + 3
+
+
+def test_grid_property_full_vocab():
+    cfg = Emu3Config(dim=8, n_layers=1, n_heads=1, n_kv_heads=1, ffn_dim=8)  # real ids, 184622 tokens
+    for mode in ["normal", "wants_text", "one"]:
+        fake = FakeModel(cfg, mode, 0)
+        out = sample.generate_image_tokens(fake, [[cfg.bos_id, cfg.img_id]], [[cfg.bos_id, cfg.img_id]], 2, 3,
+                                           generator=torch.Generator().manual_seed(0))
+        assert_grid(out, 2, 3, cfg)
+
+
+def test_tokens_to_codes():
+    cfg = SMALL
+    h, w = 2, 3
+    codes = torch.randint(cfg.codebook_size, (2, h, w))
+    rows = torch.cat([codes + cfg.visual_offset, torch.full((2, h, 1), cfg.eol_id)], -1).flatten(1)
+    tokens = torch.cat([rows, torch.tensor([[cfg.eof_id, cfg.eoi_id, cfg.eos_id]] * 2)], 1)
+    assert torch.equal(sample.tokens_to_codes(tokens, h, w, cfg), codes)
+
+
+# ---- command line errors ----
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "image", *args],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def test_cli_bad_inputs(ckpt, tmp_path):
+    hf_dir, ours = ckpt
+    cases = [
+        (["--ckpt", ours, "--prompt", "a cat", "--ratio", "16x9"], "ratio must be W:H"),
+        (["--ckpt", ours, "--prompt", "a cat", "--area", "10"], "too small"),
+        (["--ckpt", ours, "--prompt", "   "], "empty prompt"),
+        (["--ckpt", str(tmp_path / "missing"), "--prompt", "a cat"], "config.json"),
+    ]
+    no_vq = tmp_path / "no_vq"
+    no_vq.mkdir()
+    (no_vq / "config.json").write_text('{"emu3": {}}')
+    cases.append((["--ckpt", str(no_vq), "--prompt", "a cat"], "no VQ-VAE"))
+    for args, message in cases:
+        r = run_cli(*args)
+        assert r.returncode != 0 and message in r.stderr, (args, r.stderr)
+        assert r.stderr.strip().count("\n") == 0, r.stderr  # one line, no traceback
+
+
+def test_area_too_large_cli(ckpt):
+    _, ours = ckpt
+    r = run_cli("--ckpt", ours, "--prompt", "a cat", "--area", str(2048 * 2048), "--dtype", "float32")
+    assert r.returncode != 0 and "positions" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -1,0 +1,588 @@
+"""Train a toy Emu3 on CPU: a synthetic shapes world, a small VQ-VAE and a small decoder, in our checkpoint format.
+
+Everything here uses the real code paths: `vqvae.VQVAE`, `emu3.Emu3`, `convert.build_tokenizer` and the prompt
+layouts of reference §4.3 / §6, so `python sample.py image|chat --ckpt toy/ckpt ...` runs the toy exactly as it runs
+the released checkpoints; only the config (sizes, special-token ids) differs.
+
+    draw(scene) -> PIL 64x64 --preprocess--> (3,64,64) in [-1,1]
+      VQ stage:  x -> VQVAE.encoder -> quant_conv -> z (B,4,8,8) -> nearest code (straight-through) -> decoder -> x'
+                 loss = L1 + L2 (reconstruction) + |sg(z)-e|^2 + 0.25 |z-sg(e)|^2 (codebook + commitment)
+      LM stage:  codes (8,8) -> token ids; two sequence layouts, next-token cross-entropy on the answer part only
+        gen:  bos caption <|image start|> 8*8 <|image token|> [v*8 eol]*8 eof eoi eos   (loss on the image block)
+        chat: bos "You are a helpful assistant. USER: " <image block> question ". ASSISTANT:" answer eos (loss on answer)
+    -> DIR/{config.json, model-00001-of-00001.safetensors, vqvae.safetensors, tokenizer.json}
+
+The toy has its own tiny byte-level BPE (ranks learnt here from the toy corpus, written as a tiktoken file) and goes
+through `build_tokenizer`, so its specials and visual tokens follow the same layout as the real vocabulary, just
+at smaller ids (pad = n_ranks, visual token k = n_ranks + 211 + k).
+
+Usage:  python train.py --out toy/ckpt          # train VQ then LM (resumable: re-run the same command)
+        python train.py --out toy/ckpt --eval   # score generated images and chat answers
+"""
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
+
+# ---- synthetic data: one coloured shape on a light background ----
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (235, 210, 30),
+           "green": (40, 170, 60), "blue": (40, 80, 230), "purple": (150, 50, 200)}
+SIZES = {"small": 0.40, "large": 0.65}  # side / diameter as a fraction of the image
+POSITIONS = {"in the top left": (0, 0), "at the top": (0, 1), "in the top right": (0, 2),
+             "on the left": (1, 0), "in the center": (1, 1), "on the right": (1, 2),
+             "in the bottom left": (2, 0), "at the bottom": (2, 1), "in the bottom right": (2, 2)}
+BACKGROUND = (240, 240, 240)
+ALL_SCENES = [(sh, co, si, po) for sh in SHAPES for co in COLOURS for si in SIZES for po in POSITIONS]  # 324
+# about 1 scene in 9 is never trained on; eval prompts come from these (the model must compose words it has seen)
+HELD_OUT = [s for i, s in enumerate(ALL_SCENES) if i % 9 == 4]
+TRAIN_SCENES = [s for s in ALL_SCENES if s not in HELD_OUT]
+
+
+def caption(scene):
+    shape, colour, size, pos = scene
+    return f"a {size} {colour} {shape} {pos}"
+
+
+def draw(scene, px=32, rng=random):
+    """scene (shape, colour, size, position) -> RGB PIL image px*px, with jittered size, place and colour."""
+    shape, colour, size, pos = scene
+    img = Image.new("RGB", (px, px), BACKGROUND)
+    d = ImageDraw.Draw(img)
+    s = SIZES[size] * px * rng.uniform(0.9, 1.1)
+    row, col = POSITIONS[pos]
+    m = 0.04 * px  # margin
+    cx = m + s / 2 + col / 2 * (px - 2 * m - s) + rng.uniform(-1.5, 1.5)
+    cy = m + s / 2 + row / 2 * (px - 2 * m - s) + rng.uniform(-1.5, 1.5)
+    c = tuple(int(min(255, max(0, v + rng.randint(-15, 15)))) for v in COLOURS[colour])
+    x0, y0, x1, y1 = cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2
+    if shape == "circle":
+        d.ellipse((x0, y0, x1, y1), fill=c)
+    elif shape == "square":
+        d.rectangle((x0, y0, x1, y1), fill=c)
+    else:  # upright triangle
+        d.polygon(((cx, y0), (x1, y1), (x0, y1)), fill=c)
+    return img
+
+
+def check(img):
+    """Colour and shape of the one shape in `img`, from pixel statistics alone -> (colour, shape), None if unsure.
+
+    Foreground = pixels far from the background; colour = nearest palette entry to their mean;
+    shape = triangle if the upper half of its bounding box holds little of it, else square or circle by how
+    much of the box it fills (1 vs pi/4).
+    """
+    a = np.asarray(img.convert("RGB"), dtype=np.float32)
+    mask = np.sqrt(((a - np.array(BACKGROUND, np.float32)) ** 2).sum(-1)) > 80  # (H, W)
+    if mask.sum() < 8:
+        return None, None
+    mean = a[mask].mean(0)
+    colour = min(COLOURS, key=lambda n: ((mean - np.array(COLOURS[n])) ** 2).sum())
+    rows, cols = np.where(mask.sum(1) >= 2)[0], np.where(mask.sum(0) >= 2)[0]  # ignore stray pixels
+    if len(rows) == 0 or len(cols) == 0:
+        return colour, None
+    box = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    top = box[:len(box) // 2].sum() / max(1, box[:len(box) // 2].sum() + box[(len(box) + 1) // 2:].sum())
+    if top < 0.4:  # an upright triangle keeps about 1/4 of its mass in the upper half, circle and square 1/2
+        return colour, "triangle"
+    return colour, "square" if box.mean() > 0.88 else "circle"
+
+
+# chat questions -> answer templates
+QUESTIONS = {"What shape is this?": "It is a {shape}.",
+             "What colour is the shape?": "It is {colour}.",
+             "What color is the shape?": "It is {colour}.",
+             "Where is the shape?": "It is {pos}.",
+             "Is the shape big or small?": "It is {size}.",
+             "Describe the image.": "A {size} {colour} {shape} {pos}."}
+
+
+def answer(question, scene):
+    shape, colour, size, pos = scene
+    return QUESTIONS[question].format(shape=shape, colour=colour, size=size, pos=pos)
+
+
+# ---- tokenizer: a tiny byte-level BPE learnt on the toy's own text, then the real build_tokenizer ----
+
+SYSTEM = "You are a helpful assistant."
+# the real recipe's default prompt extras (reference §6.2): trained on too, so the toy runs with sample.py's defaults
+POSITIVE = " masterpiece, film grained, best quality."
+NEGATIVE = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, "
+            "worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry.")
+
+
+def corpus():
+    texts = [caption(s) for s in ALL_SCENES] + [caption(s) + POSITIVE for s in ALL_SCENES]
+    texts += [f"{SYSTEM} USER: {q}. ASSISTANT: {answer(q, s)}" for q in QUESTIONS for s in ALL_SCENES]
+    return texts + [NEGATIVE] * 20 + ["0123456789*"]  # repeated so the negative prompt gets whole-word tokens
+
+
+def train_bpe(texts, vocab_size):
+    """Byte-level BPE ranks {token bytes: rank} on Qwen-regex pieces: 256 bytes, then merges by frequency."""
+    from tokenizers import Regex, pre_tokenizers
+    from convert import QWEN_PAT
+    split = pre_tokenizers.Split(Regex(QWEN_PAT), behavior="isolated")
+    words = Counter(p.encode() for t in texts for p, _ in split.pre_tokenize_str(t))
+    seqs = {w: [bytes([b]) for b in w] for w in words}  # current segmentation of each piece
+    ranks = {bytes([b]): b for b in range(256)}
+    while len(ranks) < vocab_size:
+        pairs = Counter()
+        for w, n in words.items():
+            for a, b in zip(seqs[w], seqs[w][1:]):
+                pairs[a, b] += n
+        if not pairs:
+            break
+        (a, b), n = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))  # most frequent, ties broken by bytes
+        if n < 2:
+            break
+        ranks[a + b] = len(ranks)
+        for w, s in seqs.items():  # apply the new merge left to right
+            i, out = 0, []
+            while i < len(s):
+                if i + 1 < len(s) and s[i] == a and s[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            seqs[w] = out
+    return ranks
+
+
+def make_tokenizer(path, n_visual):
+    """Learn the toy ranks, write them as a tiktoken file at `path`, build the tokenizer like the real one."""
+    import base64
+    from convert import build_tokenizer
+    ranks = train_bpe(corpus(), 512)
+    with open(path, "w") as f:
+        f.writelines(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items())
+    return build_tokenizer(path, n_visual=n_visual)
+
+
+def special_ids(tok):
+    """Emu3Config's special-token fields, read off the tokenizer by their reference strings (§4.1)."""
+    names = dict(pad_id="<|endoftext|>", eol_id="<|extra_200|>", eof_id="<|extra_201|>", bos_id="<|extra_203|>",
+                 eos_id="<|extra_204|>", img_id="<|image token|>", boi_id="<|image start|>", eoi_id="<|image end|>",
+                 visual_offset="<|visual token 000000|>")
+    return {k: tok.token_to_id(s) for k, s in names.items()}
+
+
+# ---- VQ-VAE training: the real VQVAE modules, with a straight-through quantizer ----
+
+def vq_latents(vq, x):
+    """x (B,3,H,W) -> pre-quantization latents (N = B*h*w, embed_dim), the path of VQVAE.encode for an image."""
+    tf = vq.cfg.temporal_downsample_factor
+    h = vq.encoder.forward_2d(x).unsqueeze(2).repeat(1, 1, tf, 1, 1)  # (B, z, 4, h, w): 4 equal frames
+    z = vq.quant_conv(vq.encoder.forward_time(h))                      # (B, embed_dim, 1, h, w)
+    return z.permute(0, 2, 3, 4, 1).reshape(-1, z.shape[1]), z.shape
+
+
+def vq_train_forward(vq, x, quantize=True):
+    """x (B,3,H,W) in [-1,1] -> (reconstruction (B,3,H,W), codebook + commitment loss, codes (B,h,w)).
+
+    Same path as VQVAE.encode/decode for an image (2-D encoder once, repeated to 4 frames; 2-D decoder on frame 0),
+    except that the decoder gets z + sg(e - z) instead of e, so the reconstruction loss reaches the encoder.
+    quantize=False (warm-up) feeds z itself: a plain autoencoder whose latents then seed the codebook.
+    """
+    zf, (b, c, t, hh, ww) = vq_latents(vq, x)                          # (N, embed_dim)
+    idx = vq.quantize(zf.detach())                                     # (N,) nearest code
+    if quantize:
+        e = vq.quantize.embedding(idx)                                 # (N, embed_dim)
+        vq_loss = F.mse_loss(e, zf.detach()) + 0.25 * F.mse_loss(zf, e.detach())  # codebook + commitment
+        zf = zf + (e - zf).detach()                                    # straight-through
+    else:
+        vq_loss = torch.zeros(())
+    zq = zf.view(b, t, hh, ww, c).permute(0, 4, 1, 2, 3)               # (B, embed_dim, 1, h, w)
+    hq, zq = vq.decoder.forward_time(torch.cat([vq.post_quant_conv(zq), zq])).chunk(2)  # each (B, z, 4, h, w)
+    recon = vq.decoder.forward_2d(hq[:, :, 0], zq[:, :, 0])           # frame 0 only, (B, 3, H, W)
+    return recon, vq_loss, idx.view(b, hh, ww)
+
+
+def random_scene(rng, scenes=ALL_SCENES):
+    return scenes[rng.randrange(len(scenes))]
+
+
+def image_batch(rng, n, px, scenes=ALL_SCENES):
+    """n random scenes -> (x (n,3,px,px) in [-1,1] through vqvae.preprocess, list of scenes)."""
+    from vqvae import preprocess
+    scenes = [random_scene(rng, scenes) for _ in range(n)]
+    x = torch.stack([preprocess(draw(s, px, rng), px * px, px * px) for s in scenes])
+    return x, scenes
+
+
+def psnr(a, b):
+    """PSNR in dB between two batches of images in [-1,1] (peak-to-peak 2)."""
+    mse = (a.clamp(-1, 1) - b).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(4 / mse.clamp_min(1e-10))).mean().item()
+
+
+def lr_at(step, steps, lr, warmup=50):
+    # linear warmup, then cosine down to lr/10
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
+
+
+def kmeans_init(vq, rng, px, n_images=512, iters=20):
+    """Set the codebook to k-means centroids of the current latents of n_images fresh images."""
+    with torch.no_grad():
+        z = torch.cat([vq_latents(vq, image_batch(rng, 64, px)[0])[0] for _ in range(n_images // 64)])  # (N, c)
+        k = vq.cfg.codebook_size
+        cent = z[torch.randperm(len(z), generator=torch.Generator().manual_seed(0))[:k]].clone()
+        for _ in range(iters):  # Lloyd: assign, then move each centroid to its members' mean (empty ones stay)
+            a = torch.cdist(z, cent).argmin(1)
+            sums = torch.zeros_like(cent).index_add_(0, a, z)
+            cnt = torch.bincount(a, minlength=k)
+            cent = torch.where(cnt[:, None] > 0, sums / cnt.clamp_min(1)[:, None], cent)
+        vq.quantize.embedding.weight.copy_(cent)
+
+
+def train_vq(vq, state_path, steps, batch, lr, px, seed, log_every=25, warmup=100):
+    """Train `vq` in place (autoencoder warm-up, then VQ); resumes from / saves to `state_path` every 100 steps."""
+    opt = torch.optim.Adam(vq.parameters(), lr=lr, betas=(0.9, 0.99))
+    step, usage = 0, torch.zeros(vq.cfg.codebook_size)
+    if os.path.exists(state_path):
+        st = torch.load(state_path, weights_only=True)
+        vq.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step, usage = st["step"], st["usage"]
+        print(f"vq: resumed at step {step}")
+    vq.train()
+    for m in vq.modules():  # BatchNorm stays in eval mode: running stats (0, 1), affine learnt (see decoder note)
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.eval()
+    t0, t_step = time.time(), step
+    while step < steps:
+        rng = random.Random(seed * 1_000_003 + step)  # per-step seed: a resumed run draws the same data
+        x, _ = image_batch(rng, batch, px)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr)
+        if step == warmup:  # end of the autoencoder warm-up: codebook = k-means of the latents
+            kmeans_init(vq, rng, px)
+            usage.zero_()
+        recon, vq_loss, codes = vq_train_forward(vq, x, quantize=step >= warmup)
+        rec_loss = (recon - x).abs().mean() + (recon - x).pow(2).mean()  # L1 + L2
+        loss = rec_loss + vq_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        usage += torch.bincount(codes.flatten(), minlength=vq.cfg.codebook_size)
+        step += 1
+        if step > warmup and step % 50 == 0:
+            # restart codes unused for 50 steps at latents of the current batch (fights codebook collapse)
+            dead = (usage == 0).nonzero().flatten() if step < steps * 0.7 else []
+            if len(dead):
+                with torch.no_grad():
+                    z = vq_latents(vq, x)[0]
+                    err = torch.cdist(z, vq.quantize.embedding.weight).min(1).values  # (N,) distance to nearest code
+                    # prefer badly fitted latents (shape edges), else every restart lands on the background
+                    pick = torch.multinomial(err + 1e-6, len(dead), replacement=True,
+                                             generator=torch.Generator().manual_seed(step))
+                    vq.quantize.embedding.weight[dead] = z[pick] + 0.01 * torch.randn(len(dead), z.shape[1])
+            n_used = int((usage > 0).sum())
+            usage.zero_()
+        else:
+            n_used = None
+        if step % log_every == 0 or step == steps:
+            print(f"vq step {step}/{steps}  loss {loss.item():.4f}  rec {rec_loss.item():.4f}  vq {vq_loss.item():.4f}"
+                  f"  psnr {psnr(recon.detach(), x):.2f}  lr {lr_at(step - 1, steps, lr):.2e}"
+                  + (f"  codes used {n_used}" if n_used is not None else "")
+                  + f"  {(time.time() - t0) / (step - t_step):.2f}s/step", flush=True)
+            t0, t_step = time.time(), step
+        if step % 100 == 0 or step == steps:
+            torch.save({"model": vq.state_dict(), "opt": opt.state_dict(), "step": step, "usage": usage},
+                       state_path + ".tmp")
+            os.replace(state_path + ".tmp", state_path)
+    vq.eval()
+    return vq
+
+
+# ---- decoder training: sequences in the exact layouts sample.py builds ----
+
+def encode_pool(vq, n, px, seed, scenes):
+    """n images of random training scenes -> (codes (n,h,w) through VQVAE.encode, scene indices (n,))."""
+    rng = random.Random(seed)
+    codes, idx = [], []
+    with torch.no_grad():
+        for i in range(0, n, 64):
+            x, sc = image_batch(rng, min(64, n - i), px, scenes)
+            codes.append(vq.encode(x))
+            idx += [ALL_SCENES.index(s) for s in sc]
+    return torch.cat(codes).short(), torch.tensor(idx)
+
+
+def gen_sequence(tok, cfg, text, codes):
+    """(ids, loss mask): bos text boi "h*w" img [row eol]*h eof eoi eos, loss on everything after img."""
+    import sample
+    h, w = codes.shape
+    prompt = sample.gen_prompt_ids(tok, text, h, w, cfg)
+    rows = torch.cat([codes.long() + cfg.visual_offset, torch.full((h, 1), cfg.eol_id)], 1)  # (h, w+1)
+    image = rows.flatten().tolist() + [cfg.eof_id, cfg.eoi_id, cfg.eos_id]
+    return prompt + image, [0] * len(prompt) + [1] * len(image)
+
+
+def chat_sequence(tok, cfg, question, ans, codes):
+    """(ids, loss mask): sample.chat_prompt(question, codes) then " answer" eos, loss on the answer and eos."""
+    import sample
+    prompt = tok.encode(sample.chat_prompt(question, codes), add_special_tokens=False).ids
+    reply = tok.encode(" " + ans, add_special_tokens=False).ids + [cfg.eos_id]
+    return prompt + reply, [0] * len(prompt) + [1] * len(reply)
+
+
+def make_lm_batch(rng, tok, cfg, codes, scene_idx, n, p_gen=0.6, p_uncond=0.1):
+    """n sequences drawn from the encoded pool -> tokens (n,T), targets (n,T) with -100 outside the loss."""
+    import sample
+    seqs = []
+    for _ in range(n):
+        j = rng.randrange(len(codes))
+        scene = ALL_SCENES[scene_idx[j]]
+        if rng.random() < p_gen:
+            # sample.py appends the positive prompt to every caption; the negative prompt (or an empty one)
+            # stands for "no caption", so the CFG branch is a trained unconditional model
+            if rng.random() < p_uncond:
+                text = rng.choice([sample.NEGATIVE_PROMPT, ""])
+            else:
+                text = caption(scene) + sample.POSITIVE_PROMPT
+            seqs.append(gen_sequence(tok, cfg, text, codes[j]))
+        else:
+            q = rng.choice(list(QUESTIONS))
+            seqs.append(chat_sequence(tok, cfg, q, answer(q, scene), codes[j]))
+    T = max(len(s) for s, _ in seqs)
+    tokens = torch.full((n, T), cfg.pad_id)  # right padding: causal attention never looks at it
+    targets = torch.full((n, T), -100)
+    for i, (s, m) in enumerate(seqs):
+        tokens[i, :len(s)] = torch.tensor(s)
+        targets[i, :len(s)] = torch.where(torch.tensor(m, dtype=torch.bool), torch.tensor(s), -100)
+    return tokens, targets
+
+
+def train_lm(model, tok, codes, scene_idx, state_path, steps, batch, lr, seed, log_every=25):
+    """Next-token cross-entropy on the masked positions; resumes from / saves to `state_path` every 100 steps."""
+    cfg = model.cfg
+    decay = [p for n, p in model.named_parameters() if p.ndim == 2]
+    other = [p for n, p in model.named_parameters() if p.ndim < 2]  # norm weights: no weight decay
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98))
+    step = 0
+    if os.path.exists(state_path):
+        st = torch.load(state_path, weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step = st["step"]
+        print(f"lm: resumed at step {step}")
+    model.train()
+    t0, t_step, avg = time.time(), step, None
+    while step < steps:
+        rng = random.Random(seed * 1_000_003 + 7 + step)
+        tokens, targets = make_lm_batch(rng, tok, cfg, codes, scene_idx, batch)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr)
+        logits = model(tokens)  # (B, T, V) fp32
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        avg = loss.item() if avg is None else 0.95 * avg + 0.05 * loss.item()
+        if step % log_every == 0 or step == steps:
+            print(f"lm step {step}/{steps}  loss {loss.item():.4f}  avg {avg:.4f}  lr {lr_at(step - 1, steps, lr):.2e}"
+                  f"  {(time.time() - t0) / (step - t_step):.2f}s/step", flush=True)
+            t0, t_step = time.time(), step
+        if step % 100 == 0 or step == steps:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, state_path + ".tmp")
+            os.replace(state_path + ".tmp", state_path)
+    model.eval()
+    return model
+
+
+# ---- evaluation: everything through sample.py's own entry points, scored by the pixel checker ----
+
+def run_image_cli(out, prompts, seed, tmp, **kw):
+    """sample.image (the `python sample.py image` function) on a list of prompts -> list of PIL images."""
+    import sample
+    args = dict(negative_prompt=sample.NEGATIVE_PROMPT, ratio="1:1", area=None, guidance=3.0, top_k=2048,
+                temperature=1.0, batch=1, device="cpu", dtype="bfloat16", compile=False)
+    args.update(kw)
+    path = os.path.join(tmp, "gen.png")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        sample.image(out, prompts, out=path, seed=seed, **args)
+    if len(prompts) * args["batch"] == 1:
+        return [Image.open(path).convert("RGB")]
+    return [Image.open(os.path.join(tmp, f"gen_{i}.png")).convert("RGB") for i in range(len(prompts) * args["batch"])]
+
+
+def run_chat_cli(out, questions, images, px, tmp, dtype="bfloat16"):
+    """sample.chat (the `python sample.py chat` function), greedy, one batch -> list of answers."""
+    import sample
+    paths = []
+    for i, im in enumerate(images):
+        paths.append(os.path.join(tmp, f"chat_{i}.png"))
+        im.save(paths[-1])
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+        sample.chat(out, questions, paths, max_new_tokens=24, temperature=0.0, top_k=None, top_p=None, seed=None,
+                    device="cpu", dtype=dtype, min_pixels=px * px, max_pixels=px * px)
+    return buf.getvalue().splitlines()
+
+
+def evaluate(out, px, seed, n_eval):
+    import tempfile
+    from convert import load_vqvae
+    rng = random.Random(seed + 12345)
+    # 1. VQ-VAE: reconstruction PSNR, and does the checker still read colour and shape after a round trip
+    vq = load_vqvae(out)
+    x, scenes = image_batch(rng, n_eval, px)
+    with torch.no_grad():
+        recon = vq.decode(vq.encode(x))
+    from vqvae import postprocess
+    got = [check(postprocess(r)) for r in recon]
+    print(f"vq: PSNR {psnr(recon, x):.2f} dB on {n_eval} images; checker on reconstructions: colour "
+          f"{pct(g[0] == s[1] for g, s in zip(got, scenes))}, shape {pct(g[1] == s[0] for g, s in zip(got, scenes))}")
+    with tempfile.TemporaryDirectory() as tmp:
+        # 2. text -> image on captions never trained on (and on trained ones, for comparison), default CLI settings
+        for name, pool in (("held-out", HELD_OUT), ("trained", TRAIN_SCENES)):
+            scenes = [pool[i % len(pool)] for i in range(n_eval)] if name == "held-out" else \
+                [random_scene(rng, pool) for _ in range(n_eval)]
+            t0 = time.time()
+            imgs = run_image_cli(out, [caption(s) for s in scenes], seed, tmp)
+            got = [check(im) for im in imgs]
+            print(f"image ({name} captions, {n_eval} images, {time.time() - t0:.0f}s): colour "
+                  f"{pct(g[0] == s[1] for g, s in zip(got, scenes))}, shape "
+                  f"{pct(g[1] == s[0] for g, s in zip(got, scenes))}", flush=True)
+        # 3. chat about new images of held-out scenes, greedy
+        scenes = [HELD_OUT[i % len(HELD_OUT)] for i in range(n_eval)]
+        imgs = [draw(s, px, rng) for s in scenes]
+        for q, keys in (("What colour is the shape?", (1,)), ("What shape is this?", (0,)),
+                        ("Describe the image.", (0, 1))):
+            answers = run_chat_cli(out, [q], imgs, px, tmp)
+            ok = [all(re.search(rf"\b{s[k]}\b", a) for k in keys) for a, s in zip(answers, scenes)]
+            print(f"chat {q!r}: {pct(ok)} name the right {' and '.join(('shape', 'colour')[k] for k in keys)}"
+                  f"  (e.g. {answers[0].strip()!r} for {caption(scenes[0])!r})", flush=True)
+
+
+def pct(oks):
+    oks = list(oks)
+    return f"{100 * sum(oks) / max(1, len(oks)):.0f}%"
+
+
+def sample_grid(out, path, px, seed, scale=3):
+    """A labelled grid for the README: rows = shapes, columns = colours, each drawn by `sample.py image`."""
+    import tempfile
+    from PIL import ImageFont
+    cells = [(sh, co) for sh in SHAPES for co in COLOURS]
+    prompts = [f"a large {co} {sh} in the center" for sh, co in cells]
+    with tempfile.TemporaryDirectory() as tmp:
+        imgs = run_image_cli(out, prompts, seed, tmp)
+    s, label = px * scale, 14
+    grid = Image.new("RGB", (len(COLOURS) * (s + 4) + 4, len(SHAPES) * (s + label + 4) + 4), (255, 255, 255))
+    d = ImageDraw.Draw(grid)
+    font = ImageFont.load_default()
+    for i, ((sh, co), im) in enumerate(zip(cells, imgs)):
+        x, y = 4 + (i % len(COLOURS)) * (s + 4), 4 + (i // len(COLOURS)) * (s + label + 4)
+        d.text((x, y), f"{co} {sh}", fill=(0, 0, 0), font=font)
+        grid.paste(im.resize((s, s), Image.NEAREST), (x, y + label))
+    grid.save(path)
+    print(f"wrote {path}")
+
+
+# ---- checkpoint: our format (config.json + safetensors + tokenizer.json) ----
+
+def save_vq(vq, out):
+    os.makedirs(out, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in vq.state_dict().items()}, os.path.join(out, "vqvae.safetensors"),
+              {"format": "pt"})
+
+
+def write_config(out, vq_cfg, lm_cfg=None):
+    from dataclasses import asdict
+    cfg = {"vqvae": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(vq_cfg).items()}}
+    if lm_cfg is not None:
+        cfg["emu3"] = asdict(lm_cfg)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+# toy sizes: a factor-8 VQ like the real one (4 levels), narrow and with one res block per level
+TOY_VQ = dict(codebook_size=512, embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1,
+              attn_resolutions=(3,))
+# decoder: 4 layers of width 128 (GQA 4 q / 2 kv heads); the special ids and vocab size come from the tokenizer
+TOY_LM = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512, rope_theta=1e4, max_seq_len=512)
+
+
+def main(out, state, px, seed, threads, vq_steps, vq_batch, vq_lr, pool, lm_steps, lm_batch, lm_lr, eval, n_eval):
+    from emu3 import Emu3, Emu3Config
+    from vqvae import VQVAE, VQConfig
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    if eval:
+        evaluate(out, px, seed, n_eval)
+        sample_grid(out, os.path.join(os.path.dirname(os.path.normpath(out)), "samples.png"), px, seed)
+        return
+    os.makedirs(out, exist_ok=True)
+    os.makedirs(state, exist_ok=True)
+    vq_cfg = VQConfig(**TOY_VQ)
+    t_start = time.time()
+    # stage 1: VQ-VAE
+    vq = VQVAE(vq_cfg)
+    train_vq(vq, os.path.join(state, "vq.pt"), vq_steps, vq_batch, vq_lr, px, seed)
+    save_vq(vq, out)
+    write_config(out, vq_cfg)
+    print(f"vq done, {time.time() - t_start:.0f}s so far", flush=True)
+    # stage 2: tokenizer (toy BPE + the real specials and visual tokens), encoded image pool, decoder
+    tok = make_tokenizer(os.path.join(state, "toy.tiktoken"), vq_cfg.codebook_size)
+    tok.save(os.path.join(out, "tokenizer.json"))
+    lm_cfg = Emu3Config(vocab_size=tok.get_vocab_size(), codebook_size=vq_cfg.codebook_size, image_area=px * px,
+                        **special_ids(tok), **TOY_LM)
+    pool_path = os.path.join(state, "pool.pt")
+    if os.path.exists(pool_path):
+        codes, scene_idx = torch.load(pool_path, weights_only=True)
+    else:
+        codes, scene_idx = encode_pool(vq, pool, px, seed + 1, TRAIN_SCENES)
+        torch.save((codes, scene_idx), pool_path)
+    print(f"pool: {len(codes)} images, {codes.unique().numel()} distinct codes, {time.time() - t_start:.0f}s so far",
+          flush=True)
+    model = Emu3(lm_cfg)
+    print(f"decoder: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {lm_cfg.vocab_size}")
+    train_lm(model, tok, codes, scene_idx, os.path.join(state, "lm.pt"), lm_steps, lm_batch, lm_lr, seed)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              os.path.join(out, "model-00001-of-00001.safetensors"), {"format": "pt"})
+    write_config(out, vq_cfg, lm_cfg)
+    print(f"done in {time.time() - t_start:.0f}s: wrote {out}", flush=True)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Train (or evaluate) the toy Emu3 on synthetic shapes, on CPU.")
+    p.add_argument("--out", default="toy/ckpt", help="checkpoint dir to write (our format)")
+    p.add_argument("--state", default="toy/state", help="dir for resumable training state and the encoded data")
+    p.add_argument("--px", type=int, default=32, help="image side in pixels (grid = px/8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is much faster on a busy machine)")
+    p.add_argument("--vq_steps", type=int, default=800, help="VQ-VAE training steps")
+    p.add_argument("--vq_batch", type=int, default=16, help="VQ-VAE batch size")
+    p.add_argument("--vq_lr", type=float, default=2e-3, help="VQ-VAE peak learning rate")
+    p.add_argument("--pool", type=int, default=8000, help="training images encoded once for the decoder stage")
+    p.add_argument("--lm_steps", type=int, default=1500, help="decoder training steps")
+    p.add_argument("--lm_batch", type=int, default=32, help="decoder batch size (sequences)")
+    p.add_argument("--lm_lr", type=float, default=2e-3, help="decoder peak learning rate")
+    p.add_argument("--eval", action="store_true", help="evaluate the checkpoint in --out instead of training")
+    p.add_argument("--n_eval", type=int, default=64, help="images / questions per eval score")
+    args = p.parse_args()
+    try:
+        main(**vars(args))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        sys.exit(f"error: {e}")
