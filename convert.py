@@ -103,26 +103,30 @@ VQ_FROM_HF = [
 VQ_ATTN_FROM_HF = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "out_proj": "proj_out"}  # Linear -> 1x1 conv
 
 
-def vq_expected(cfg):
-    # {name: shape} of our VQVAE's state dict, built on the meta device (no memory)
-    from vqvae import VQVAE
+def shapes_of(model_cls, cfg):
+    """{our key: shape} of model_cls(cfg)'s state dict, built on the meta device (no memory, no init)."""
     with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in VQVAE(cfg).state_dict().items()}
+        return {k: tuple(v.shape) for k, v in model_cls(cfg).state_dict().items()}
+
+
+def check_tensors(sd, want, what, names=None, complete=True):
+    """Strict: every tensor of sd expected with its shape (want: {key: shape}) and, if complete, none missing.
+    An offender is a ValueError naming it; names maps our key back to the source's name for the message."""
+    names = names or {}
+    for k, v in sd.items():
+        if k not in want:
+            raise ValueError(f"unexpected {what} key {names.get(k, k)!r}")
+        if tuple(v.shape) != want[k]:
+            raise ValueError(f"{what} key {names.get(k, k)!r} has shape {tuple(v.shape)}, expected {want[k]}")
+    missing = [k for k in want if k not in sd]
+    if complete and missing:
+        raise ValueError(f"missing {what} key {missing[0]!r} ({len(missing)} missing)")
+    return sd
 
 
 def vq_check(sd, cfg, names=None):
-    # strict: every expected key present with its shape, nothing else; names maps a key back to its source name
-    names = names or {}
-    want = vq_expected(cfg)
-    for k, v in sd.items():
-        if k not in want:
-            raise ValueError(f"unexpected VQ tensor {names.get(k, k)}")
-        if tuple(v.shape) != want[k]:
-            raise ValueError(f"VQ tensor {names.get(k, k)} has shape {tuple(v.shape)}, expected {want[k]}")
-    missing = [k for k in want if k not in sd]
-    if missing:
-        raise ValueError(f"missing VQ tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    return sd
+    from vqvae import VQVAE
+    return check_tensors(sd, shapes_of(VQVAE, cfg), "VQ", names)
 
 
 def vq_from_original(sd, cfg=None):
@@ -200,6 +204,9 @@ def load_vqvae(path, device="cpu"):
     with open(conf_path) as f:
         conf = json.load(f)
     if "vqvae" in conf:  # ours: original names, fp32
+        unknown = set(conf["vqvae"]) - {f.name for f in dataclasses.fields(VQConfig)}
+        if unknown:
+            raise ValueError(f"{conf_path}: unknown vqvae field {sorted(unknown)[0]}")
         cfg = VQConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in conf["vqvae"].items()})
         sd = vq_from_original(read_safetensors(os.path.join(path, "vqvae.safetensors")), cfg)
     elif "vq_config" in conf:  # transformers -hf: the VQ tensors are the "vqmodel." keys of the shards
@@ -266,22 +273,12 @@ def llm_key_from_hf(key):
 
 
 def llm_shapes(cfg):
-    """{our key: shape} of Emu3(cfg), built on the meta device (no memory, no init)."""
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in Emu3(cfg).state_dict().items()}
+    return shapes_of(Emu3, cfg)
 
 
 def check_llm(sd, cfg, complete=True):
     """Strict check of our-format decoder weights against Emu3(cfg): extra, misshapen, (missing) -> ValueError."""
-    shapes = llm_shapes(cfg)
-    for k, v in sd.items():
-        if k not in shapes:
-            raise ValueError(f"unexpected LLM key {k!r} (config has {cfg.n_layers} layers)")
-        if tuple(v.shape) != shapes[k]:
-            raise ValueError(f"LLM key {k!r} has shape {tuple(v.shape)}, expected {shapes[k]}")
-    missing = [k for k in shapes if k not in sd]
-    if complete and missing:
-        raise ValueError(f"missing LLM key {missing[0]!r} ({len(missing)} missing)")
+    check_tensors(sd, llm_shapes(cfg), "LLM", complete=complete)
 
 
 def _rename_llm(sd, key_fn, cfg):

@@ -119,11 +119,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(input_pos, k, v)  # (B, n_kv_heads, max_len, hd)
-        # GQA: query head h reads kv head h // (n_heads / n_kv_heads), as the references' repeat_kv does
-        rep = self.n_heads // self.n_kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, n_heads, S, hd)
+        # GQA: query head h reads kv head h // (n_heads / n_kv_heads), as the references' repeat_kv does, but
+        # enable_gqa does it without copying the cache 4x every step
         # mask (B,1,T,S) bool, True = attend; scale 1/sqrt(head_dim); softmax accumulates in fp32
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, n_heads, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, n_heads, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -173,11 +172,13 @@ class Emu3(nn.Module):
         for layer in self.layers:
             layer.attn.cache = KVCache(batch_size, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, w.device, w.dtype)
 
-    def forward(self, tokens, input_pos=None, pad=None, last_only=False):
+    def forward(self, tokens, input_pos=None, pad=None, last_only=False, vocab=None):
         """tokens (B,T) long -> fp32 logits (B,T,V), or (B,1,V) with last_only.
 
         input_pos (T,) long: cache columns of these tokens (default arange(T)).
         pad (B,) long: left-padding columns per row (default 0).
+        vocab: a slice of token ids; logits only for those (a view of lm_head's rows, no copy). Image generation
+        asks only for the ids its grid rule can allow, which skips most of lm_head.
         """
         B, T = tokens.shape
         dev = tokens.device
@@ -201,4 +202,5 @@ class Emu3(nn.Module):
             x = layer(x, cos, sin, mask, input_pos)
         if last_only:
             x = x[:, -1:]  # (B, 1, dim)
-        return self.lm_head(self.norm(x)).float()  # the original upcasts logits with .float()
+        head = self.lm_head.weight if vocab is None else self.lm_head.weight[vocab]  # (V or V', dim)
+        return F.linear(self.norm(x), head).float()  # the original upcasts logits with .float()

@@ -1,23 +1,26 @@
 """Train a toy Emu3 on CPU: a synthetic shapes world, a small VQ-VAE and a small decoder, in our checkpoint format.
 
-Everything here uses the real code paths: `vqvae.VQVAE`, `emu3.Emu3`, `convert.build_tokenizer` and the prompt
-layouts of reference §4.3 / §6, so `python sample.py image|chat --ckpt toy/ckpt ...` runs the toy exactly as it runs
-the released checkpoints; only the config (sizes, special-token ids) differs.
+Everything here goes through the real code: `vqvae.VQVAE`, `emu3.Emu3`, `convert.build_tokenizer` and sample.py's
+prompt builders (reference §4.3, §6), so `python sample.py image|chat --ckpt toy/ckpt ...` runs the toy exactly as
+it runs the released checkpoints; only config.json (sizes, special-token ids) and tokenizer.json differ.
 
-    draw(scene) -> PIL 64x64 --preprocess--> (3,64,64) in [-1,1]
-      VQ stage:  x -> VQVAE.encoder -> quant_conv -> z (B,4,8,8) -> nearest code (straight-through) -> decoder -> x'
-                 loss = L1 + L2 (reconstruction) + |sg(z)-e|^2 + 0.25 |z-sg(e)|^2 (codebook + commitment)
-      LM stage:  codes (8,8) -> token ids; two sequence layouts, next-token cross-entropy on the answer part only
-        gen:  bos caption <|image start|> 8*8 <|image token|> [v*8 eol]*8 eof eoi eos   (loss on the image block)
-        chat: bos "You are a helpful assistant. USER: " <image block> question ". ASSISTANT:" answer eos (loss on answer)
+    draw(scene) -> PIL 32x32 --vqvae.preprocess--> x (B,3,32,32) in [-1,1]
+      VQ stage:  x -> encoder (2-D, then temporal on 4 equal frames) -> quant_conv -> z (B,4,1,4,4)
+                   -> nearest code e, straight-through z + sg(e - z) -> decoder (frame 0) -> x' (B,3,32,32)
+                 loss = L1 + L2 (shape pixels x5) + |sg(z) - e|^2 + 0.25 |z - sg(e)|^2; a plain autoencoder
+                 warm-up, then k-means codebook init and dead-code restarts
+      LM stage:  VQVAE.encode -> codes (4,4) -> ids; next-token cross-entropy on the answer part only
+        gen:  bos caption+POSITIVE <|image start|> 4*4 <|image token|> [4 visual, eol] x 4 eof eoi eos
+              (loss on the image block; 10% of captions are the negative prompt or empty: the CFG branch)
+        chat: bos "You are a helpful assistant. USER: " <image block> question ". ASSISTANT:" " answer" eos
     -> DIR/{config.json, model-00001-of-00001.safetensors, vqvae.safetensors, tokenizer.json}
 
-The toy has its own tiny byte-level BPE (ranks learnt here from the toy corpus, written as a tiktoken file) and goes
-through `build_tokenizer`, so its specials and visual tokens follow the same layout as the real vocabulary, just
-at smaller ids (pad = n_ranks, visual token k = n_ranks + 211 + k).
+The toy has its own tiny byte-level BPE (ranks learnt here from the toy's text, written as a tiktoken file) built by
+`convert.build_tokenizer`, so its specials and visual tokens keep the real layout at smaller ids
+(pad = n_ranks, bos = n_ranks + 206, visual token k = n_ranks + 211 + k); Emu3Config carries those ids.
 
-Usage:  python train.py --out toy/ckpt          # train VQ then LM (resumable: re-run the same command)
-        python train.py --out toy/ckpt --eval   # score generated images and chat answers
+    python train.py                      # train VQ, then the decoder, into toy/ckpt (re-run to resume)
+    python train.py --eval               # score it through sample.py; writes toy/samples.png
 """
 import argparse
 import contextlib
@@ -35,18 +38,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 # ---- synthetic data: one coloured shape on a light background ----
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (235, 210, 30),
            "green": (40, 170, 60), "blue": (40, 80, 230), "purple": (150, 50, 200)}
-SIZES = {"small": 0.40, "large": 0.65}  # side / diameter as a fraction of the image
+SIZES = {"small": 0.50, "large": 0.70}  # side / diameter as a fraction of the image
 POSITIONS = {"in the top left": (0, 0), "at the top": (0, 1), "in the top right": (0, 2),
              "on the left": (1, 0), "in the center": (1, 1), "on the right": (1, 2),
              "in the bottom left": (2, 0), "at the bottom": (2, 1), "in the bottom right": (2, 2)}
 BACKGROUND = (240, 240, 240)
+BG = torch.tensor(BACKGROUND).view(1, 3, 1, 1) / 127.5 - 1  # the background in the model's [-1, 1] range
 ALL_SCENES = [(sh, co, si, po) for sh in SHAPES for co in COLOURS for si in SIZES for po in POSITIONS]  # 324
 # about 1 scene in 9 is never trained on; eval prompts come from these (the model must compose words it has seen)
 HELD_OUT = [s for i, s in enumerate(ALL_SCENES) if i % 9 == 4]
@@ -118,17 +122,13 @@ def answer(question, scene):
 
 # ---- tokenizer: a tiny byte-level BPE learnt on the toy's own text, then the real build_tokenizer ----
 
-SYSTEM = "You are a helpful assistant."
-# the real recipe's default prompt extras (reference §6.2): trained on too, so the toy runs with sample.py's defaults
-POSITIVE = " masterpiece, film grained, best quality."
-NEGATIVE = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, "
-            "worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry.")
-
-
 def corpus():
-    texts = [caption(s) for s in ALL_SCENES] + [caption(s) + POSITIVE for s in ALL_SCENES]
+    # sample.py's fixed texts are part of the toy's world: it appends the positive prompt to every caption and
+    # uses the negative prompt as CFG's unconditional text by default
+    from sample import NEGATIVE_PROMPT, POSITIVE_PROMPT, SYSTEM
+    texts = [caption(s) for s in ALL_SCENES] + [caption(s) + POSITIVE_PROMPT for s in ALL_SCENES]
     texts += [f"{SYSTEM} USER: {q}. ASSISTANT: {answer(q, s)}" for q in QUESTIONS for s in ALL_SCENES]
-    return texts + [NEGATIVE] * 20 + ["0123456789*"]  # repeated so the negative prompt gets whole-word tokens
+    return texts + [NEGATIVE_PROMPT] * 20 + ["0123456789*"]  # repeated so the negative prompt gets whole words
 
 
 def train_bpe(texts, vocab_size):
@@ -251,7 +251,7 @@ def kmeans_init(vq, rng, px, n_images=512, iters=20):
         vq.quantize.embedding.weight.copy_(cent)
 
 
-def train_vq(vq, state_path, steps, batch, lr, px, seed, log_every=25, warmup=100):
+def train_vq(vq, state_path, steps, batch, lr, px, seed, log_every=100, warmup=300):
     """Train `vq` in place (autoencoder warm-up, then VQ); resumes from / saves to `state_path` every 100 steps."""
     opt = torch.optim.Adam(vq.parameters(), lr=lr, betas=(0.9, 0.99))
     step, usage = 0, torch.zeros(vq.cfg.codebook_size)
@@ -275,15 +275,19 @@ def train_vq(vq, state_path, steps, batch, lr, px, seed, log_every=25, warmup=10
             kmeans_init(vq, rng, px)
             usage.zero_()
         recon, vq_loss, codes = vq_train_forward(vq, x, quantize=step >= warmup)
-        rec_loss = (recon - x).abs().mean() + (recon - x).pow(2).mean()  # L1 + L2
+        # L1 + L2, shape pixels weighted 5x: they are a small part of each image but carry all of its content
+        fg = (x - BG).abs().amax(1, keepdim=True) > 0.1  # (B,1,H,W) pixels that are not background
+        weight = 1 + 4 * fg.float()
+        err = (recon - x).abs()
+        rec_loss = ((err + err.pow(2)) * weight).mean() / weight.mean()
         loss = rec_loss + vq_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         usage += torch.bincount(codes.flatten(), minlength=vq.cfg.codebook_size)
         step += 1
-        if step > warmup and step % 50 == 0:
-            # restart codes unused for 50 steps at latents of the current batch (fights codebook collapse)
+        if step > warmup and step % 100 == 0:
+            # restart codes unused for 100 steps at latents of the current batch (fights codebook collapse)
             dead = (usage == 0).nonzero().flatten() if step < steps * 0.7 else []
             if len(dead):
                 with torch.no_grad():
@@ -343,7 +347,7 @@ def chat_sequence(tok, cfg, question, ans, codes):
     return prompt + reply, [0] * len(prompt) + [1] * len(reply)
 
 
-def make_lm_batch(rng, tok, cfg, codes, scene_idx, n, p_gen=0.6, p_uncond=0.1):
+def make_lm_batch(rng, tok, cfg, codes, scene_idx, n, p_gen=0.75, p_uncond=0.1):
     """n sequences drawn from the encoded pool -> tokens (n,T), targets (n,T) with -100 outside the loss."""
     import sample
     seqs = []
@@ -441,6 +445,7 @@ def run_chat_cli(out, questions, images, px, tmp, dtype="bfloat16"):
 
 
 def evaluate(out, px, seed, n_eval):
+    """Print VQ reconstruction PSNR, colour/shape scores of generated images and of chat answers."""
     import tempfile
     from convert import load_vqvae
     rng = random.Random(seed + 12345)
@@ -481,20 +486,24 @@ def pct(oks):
 
 
 def sample_grid(out, path, px, seed, scale=3):
-    """A labelled grid for the README: rows = shapes, columns = colours, each drawn by `sample.py image`."""
+    """A labelled grid for the README, each cell drawn by `sample.py image`: rows = shapes, columns = colours,
+    first large shapes in the center, then small ones in the places named under them."""
     import tempfile
     from PIL import ImageFont
-    cells = [(sh, co) for sh in SHAPES for co in COLOURS]
-    prompts = [f"a large {co} {sh} in the center" for sh, co in cells]
+    places = list(POSITIONS)
+    cells = [("large", sh, co, "in the center") for sh in SHAPES for co in COLOURS]
+    cells += [("small", sh, co, places[(i * 5 + 1) % len(places)]) for i, (sh, co) in
+              enumerate((sh, co) for sh in SHAPES for co in COLOURS)]
     with tempfile.TemporaryDirectory() as tmp:
-        imgs = run_image_cli(out, prompts, seed, tmp)
-    s, label = px * scale, 14
-    grid = Image.new("RGB", (len(COLOURS) * (s + 4) + 4, len(SHAPES) * (s + label + 4) + 4), (255, 255, 255))
+        imgs = run_image_cli(out, [f"a {si} {co} {sh} {po}" for si, sh, co, po in cells], seed, tmp)
+    s, label, n = px * scale, 14, len(COLOURS)
+    rows = len(cells) // n
+    grid = Image.new("RGB", (n * (s + 4) + 4, rows * (s + label + 4) + 4), (255, 255, 255))
     d = ImageDraw.Draw(grid)
     font = ImageFont.load_default()
-    for i, ((sh, co), im) in enumerate(zip(cells, imgs)):
-        x, y = 4 + (i % len(COLOURS)) * (s + 4), 4 + (i // len(COLOURS)) * (s + label + 4)
-        d.text((x, y), f"{co} {sh}", fill=(0, 0, 0), font=font)
+    for i, ((si, sh, co, po), im) in enumerate(zip(cells, imgs)):
+        x, y = 4 + (i % n) * (s + 4), 4 + (i // n) * (s + label + 4)
+        d.text((x, y), f"{co} {sh}" if si == "large" else po.split(" ", 2)[2], fill=(0, 0, 0), font=font)
         grid.paste(im.resize((s, s), Image.NEAREST), (x, y + label))
     grid.save(path)
     print(f"wrote {path}")
@@ -524,12 +533,12 @@ TOY_VQ = dict(codebook_size=512, embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 1
 TOY_LM = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512, rope_theta=1e4, max_seq_len=512)
 
 
-def main(out, state, px, seed, threads, vq_steps, vq_batch, vq_lr, pool, lm_steps, lm_batch, lm_lr, eval, n_eval):
+def main(out, state, px, seed, threads, vq_steps, vq_batch, vq_lr, pool, lm_steps, lm_batch, lm_lr, run_eval, n_eval):
     from emu3 import Emu3, Emu3Config
     from vqvae import VQVAE, VQConfig
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    if eval:
+    if run_eval:
         evaluate(out, px, seed, n_eval)
         sample_grid(out, os.path.join(os.path.dirname(os.path.normpath(out)), "samples.png"), px, seed)
         return
@@ -556,6 +565,7 @@ def main(out, state, px, seed, threads, vq_steps, vq_batch, vq_lr, pool, lm_step
         torch.save((codes, scene_idx), pool_path)
     print(f"pool: {len(codes)} images, {codes.unique().numel()} distinct codes, {time.time() - t_start:.0f}s so far",
           flush=True)
+    torch.manual_seed(seed + 1)  # the same init whether or not this process trained the VQ
     model = Emu3(lm_cfg)
     print(f"decoder: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {lm_cfg.vocab_size}")
     train_lm(model, tok, codes, scene_idx, os.path.join(state, "lm.pt"), lm_steps, lm_batch, lm_lr, seed)
@@ -572,15 +582,16 @@ if __name__ == "__main__":
     p.add_argument("--px", type=int, default=32, help="image side in pixels (grid = px/8)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is much faster on a busy machine)")
-    p.add_argument("--vq_steps", type=int, default=800, help="VQ-VAE training steps")
-    p.add_argument("--vq_batch", type=int, default=16, help="VQ-VAE batch size")
-    p.add_argument("--vq_lr", type=float, default=2e-3, help="VQ-VAE peak learning rate")
+    p.add_argument("--vq-steps", type=int, default=2500, help="VQ-VAE training steps")
+    p.add_argument("--vq-batch", type=int, default=8, help="VQ-VAE batch size")
+    p.add_argument("--vq-lr", type=float, default=2e-3, help="VQ-VAE peak learning rate")
     p.add_argument("--pool", type=int, default=8000, help="training images encoded once for the decoder stage")
-    p.add_argument("--lm_steps", type=int, default=1500, help="decoder training steps")
-    p.add_argument("--lm_batch", type=int, default=32, help="decoder batch size (sequences)")
-    p.add_argument("--lm_lr", type=float, default=2e-3, help="decoder peak learning rate")
-    p.add_argument("--eval", action="store_true", help="evaluate the checkpoint in --out instead of training")
-    p.add_argument("--n_eval", type=int, default=64, help="images / questions per eval score")
+    p.add_argument("--lm-steps", type=int, default=2000, help="decoder training steps")
+    p.add_argument("--lm-batch", type=int, default=24, help="decoder batch size (sequences)")
+    p.add_argument("--lm-lr", type=float, default=3e-3, help="decoder peak learning rate")
+    p.add_argument("--eval", dest="run_eval", action="store_true",
+                   help="evaluate the checkpoint in --out (and draw samples.png next to it) instead of training")
+    p.add_argument("--n-eval", type=int, default=64, help="images / questions per eval score")
     args = p.parse_args()
     try:
         main(**vars(args))

@@ -19,6 +19,7 @@ import argparse
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -398,22 +399,23 @@ def open_image(path):
 # ---- command line: reconstruct an image or a video through the tokenizer ----
 
 def main(ckpt, image, frames, out, device, min_pixels, max_pixels):
-    from pathlib import Path
     from convert import load_vqvae
     if (image is None) == (not frames):
         raise ValueError("give exactly one of --image or --frames")
+    # read the inputs first: a bad file fails before the model loads
+    paths = [image] if image is not None else frames
+    if frames and Path(frames[0]).is_dir():
+        paths = sorted(p for p in Path(frames[0]).iterdir() if p.is_file())
+    imgs = [open_image(p) for p in paths]
+    for p, im in zip(paths, imgs):
+        if im.size != imgs[0].size:
+            raise ValueError(f"frame {p} is {im.width}x{im.height}, the first is {imgs[0].width}x{imgs[0].height}")
     model = load_vqvae(ckpt, device)
-    if image is not None:
-        x = preprocess(open_image(image), min_pixels, max_pixels, model.spatial_factor)[None]  # (1, 3, H, W)
-    else:
-        paths = sorted(p for p in Path(frames[0]).iterdir() if p.is_file()) if Path(frames[0]).is_dir() else frames
-        if len(paths) % model.cfg.temporal_downsample_factor:
-            raise ValueError(f"got {len(paths)} frames: need a multiple of {model.cfg.temporal_downsample_factor}")
-        imgs = [open_image(p) for p in paths]
-        for p, im in zip(paths, imgs):
-            if im.size != imgs[0].size:
-                raise ValueError(f"frame {p} is {im.width}x{im.height}, the first is {imgs[0].width}x{imgs[0].height}")
-        x = torch.stack([preprocess(im, min_pixels, max_pixels, model.spatial_factor) for im in imgs])[None]
+    tf = model.cfg.temporal_downsample_factor
+    if frames and (not imgs or len(imgs) % tf):
+        raise ValueError(f"got {len(imgs)} frames: need a positive multiple of {tf}")
+    x = torch.stack([preprocess(im, min_pixels, max_pixels, model.spatial_factor) for im in imgs])  # (T, 3, H, W)
+    x = x if image is not None else x[None]                               # image (1,3,H,W) or video (1,T,3,H,W)
     with torch.no_grad():
         codes = model.encode(x.to(device))
         recon = model.decode(codes)
@@ -433,11 +435,11 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Tokenize an image or video with the Emu3 VQ-VAE and reconstruct it.")
     p.add_argument("--ckpt", required=True, help="our checkpoint dir, an Emu3-VisionTokenizer dir, or an -hf dir")
     p.add_argument("--image", default=None, help="input image file")
-    p.add_argument("--frames", nargs="+", default=None, help="video: frame files (T % 4 == 0) or one folder of frames")
+    p.add_argument("--frames", nargs="+", default=None, help="video: frame files (a multiple of 4) or one folder of them")
     p.add_argument("--out", default="recon.png", help="output image (image mode) or folder of frames (video mode)")
     p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--min_pixels", type=int, default=512 * 512, help="resize so H*W >= this")
-    p.add_argument("--max_pixels", type=int, default=1024 * 1024, help="resize so H*W <= this")
+    p.add_argument("--min-pixels", type=int, default=512 * 512, help="resize so H*W >= this")
+    p.add_argument("--max-pixels", type=int, default=1024 * 1024, help="resize so H*W <= this")
     args = p.parse_args()
     try:
         main(**vars(args))

@@ -1,6 +1,6 @@
 """Time image generation: ours (sample.generate_image_tokens) against transformers' recipe, in the same run.
 
-python bench/bench_generate.py                                   # CPU fp32, dim 1024 x 4 layers, full vocab, 16x16 grid
+python bench/bench_generate.py --threads 1                       # CPU fp32, dim 1024 x 4 layers, full vocab, 16x16 grid
 python bench/bench_generate.py --full --device cuda --dtype bfloat16   # Emu3-Gen 8.5B config, 90x90 grid, on a GPU
 python bench/bench_generate.py --full --device cuda --dtype bfloat16 --compile   # + compiled decode step
 
@@ -11,8 +11,9 @@ prefix), prefix_allowed_tokens_fn = the Emu3 docs' grid rule) -- reference §7.6
 unconditional branch and a Python prefix function each step.
 Prints per implementation: ms per token (generation time / h*(w+1)+3 tokens, prefill included), seconds per image
 (token generation; the VQ decode is left out, it is the same work for both) and the achieved weight bandwidth:
-decoder weight bytes one step must read (embedding excluded) / step time. transformers' two passes read them
-twice, so this is a speed figure on a common scale, not what its hardware moved. On CUDA: peak memory too.
+decoder weight bytes one step of the reference must read (embedding excluded) / step time. transformers' two
+passes read them twice, and ours reads only the grid window's rows of lm_head (sample.grid_window: 32776 of
+184622), so this is a speed figure on a common scale, not what either one's hardware moved. On CUDA: peak memory too.
 """
 import argparse
 import os
@@ -89,8 +90,10 @@ def timed(fn, device):
     return time.perf_counter() - t, out
 
 
-def main(full, device, dtype, grid, dim, n_layers, repeat, compile, skip_hf, seed):
+def main(full, device, dtype, grid, dim, n_layers, repeat, compile, skip_hf, seed, threads):
     device, dtype = torch.device(device), getattr(torch, dtype)
+    if threads:
+        torch.set_num_threads(threads)
     if full:
         cfg = Emu3Config()  # Emu3-Gen: 8.5B
         grid = grid or "90x90"
@@ -148,6 +151,14 @@ def main(full, device, dtype, grid, dim, n_layers, repeat, compile, skip_hf, see
               + (f"  {mem:8.2f}" if mem is not None else ""))
     if len(best) == 2:
         print(f"speed-up ours vs transformers: {best['transformers'] / best['ours']:.2f}x")
+    # where a decode step goes: our decoder alone, the 2-row CFG batch against two 1-row passes (as transformers)
+    with torch.no_grad():
+        for rows in (2, 1):
+            ours.setup_cache(rows, 64)
+            x, pos = torch.full((rows, 1), cfg.visual_offset, device=device), torch.tensor([10], device=device)
+            ours(x, input_pos=pos, last_only=True)
+            dt = min(timed(lambda: ours(x, input_pos=pos, last_only=True), device)[0] for _ in range(3))
+            print(f"decoder forward alone, {rows} row(s): {dt * 1e3:.1f} ms" + (" (x2 for two passes)" if rows == 1 else ""))
 
 
 if __name__ == "__main__":
@@ -162,4 +173,6 @@ if __name__ == "__main__":
     ap.add_argument("--compile", action="store_true", help="torch.compile our decode step (GPU fast path)")
     ap.add_argument("--skip-hf", action="store_true", help="time ours only")
     ap.add_argument("--seed", type=int, default=0, help="weights and sampling seed")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (1 on a shared machine: with busy cores, "
+                                                               "every multi-threaded GEMM waits for a descheduled thread)")
     main(**vars(ap.parse_args()))

@@ -209,3 +209,23 @@ def chat_call(tiny, **over):
 def test_bad_input_errors(tiny, over, error, words):
     with pytest.raises(error, match=words):
         chat_call(tiny, **over)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sampling_filters_match_transformers(seed):
+    # top-k keeps ties at the threshold, top-p the smallest head reaching p: same masks as transformers' warpers
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+    import sample
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 1000, generator=g) * 3
+    logits[0, :5] = logits[0].max() + 1  # a 5-way tie at the top
+    for k in (1, 3, 50):
+        assert torch.equal(sample.top_k_filter(logits, k), TopKLogitsWarper(k)(None, logits.clone()))
+    for p in (0.1, 0.5, 0.9):  # rows 1, 2: without ties (which tied token top-p keeps depends on the sort)
+        ours, theirs = sample.top_p_filter(logits[1:], p), TopPLogitsWarper(p)(None, logits[1:].clone())
+        assert torch.equal(ours.isinf(), theirs.isinf()) and (~ours.isinf()).sum() > 1
+    # greedy is argmax; a seeded sample is reproducible and stays inside the top-k set
+    assert torch.equal(sample.next_token(logits), logits.argmax(-1))
+    draw = lambda: sample.next_token(logits, 1.0, 3, 0.9, torch.Generator().manual_seed(0))
+    assert torch.equal(draw(), draw())
+    assert all(logits[b, draw()[b]] >= logits[b].topk(3).values[-1] for b in range(3))

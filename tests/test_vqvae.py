@@ -10,12 +10,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers.models.emu3.configuration_emu3 import Emu3VQVAEConfig
 from transformers.models.emu3.image_processing_emu3 import Emu3ImageProcessor
+from transformers.models.emu3.image_processing_emu3 import smart_resize as hf_smart_resize
 from transformers.models.emu3.modeling_emu3 import Emu3VQVAE
 
 from convert import load_vqvae, vq_config_from_hf, vq_config_from_original, vq_from_hf, vq_from_original
@@ -198,7 +199,7 @@ def make_image(rng, h, w, mode):
 @given(h=st.integers(8, 160), ratio=st.floats(0.2, 5.0), mode=st.sampled_from(["RGB", "RGBA", "L", "P", "I;16",
        "P+transparency", "LA"]), pixels=st.sampled_from([(32 * 32, 64 * 64), (24 * 24, 96 * 96)]), seed=st.integers(0, 99))
 def test_preprocess_matches_transformers(h, ratio, mode, pixels, seed):
-    w = min(max(8, round(h * ratio)), h * 5)
+    w = min(max(8, -(-h // 5), round(h * ratio)), h * 5)  # aspect ratio within the original's limit of 5
     image = make_image(np.random.default_rng(seed), h, w, mode)
     proc = Emu3ImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3, min_pixels=pixels[0], max_pixels=pixels[1])
     ref = proc(image, return_tensors="pt")["pixel_values"][0]
@@ -210,10 +211,19 @@ def test_preprocess_matches_transformers(h, ratio, mode, pixels, seed):
     assert np.array_equal(np.asarray(postprocess(x)), np.asarray(ref_img))
 
 
+@settings(max_examples=200, deadline=None)
+@given(h=st.integers(8, 4000), w=st.integers(8, 4000))
+@example(h=740, w=740)  # 92.5 rounds half to even: 736, not 744
+@example(h=540, w=1000)  # 67.5 -> 68
+def test_smart_resize_matches_transformers(h, w):
+    assume(max(h, w) / min(h, w) <= 5)
+    assert smart_resize(h, w, 8, 512 * 512, 1024 * 1024) == hf_smart_resize(h, w, 8, 512 * 512, 1024 * 1024)
+
+
 def test_smart_resize_examples():
     # the reference's examples (emu3-reference.md 2.6), at the released min/max pixels
     for (h, w), out in {(300, 500): (400, 664), (50, 50): (512, 512), (2000, 3000): (832, 1248),
-                        (333, 777): (336, 784), (720, 1280): (720, 1280)}.items():
+                        (333, 777): (336, 784), (720, 1280): (720, 1280), (740, 740): (736, 736)}.items():
         assert smart_resize(h, w) == out
 
 
@@ -315,7 +325,7 @@ def test_cli(tmp_path):
     rng = np.random.default_rng(0)
     good = tmp_path / "in.png"
     Image.fromarray(rng.integers(0, 256, (20, 36, 3), dtype=np.uint8)).save(good)
-    r = run_cli("--ckpt", ckpt, "--image", good, "--out", tmp_path / "out.png", "--min_pixels", 256, "--max_pixels", 1024)
+    r = run_cli("--ckpt", ckpt, "--image", good, "--out", tmp_path / "out.png", "--min-pixels", 256, "--max-pixels", 1024)
     assert r.returncode == 0, r.stderr
     assert "tokens" in r.stdout and Image.open(tmp_path / "out.png").size == (36, 20)  # factor 2 here
     # unreadable and truncated files: one line naming the file, non-zero exit
