@@ -27,6 +27,9 @@ import convert  # noqa: E402
 import sample  # noqa: E402
 from emu3 import Emu3, Emu3Config  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from hf_tiny import prefix_fn  # noqa: E402  the Emu3 docs' prefix_allowed_tokens_fn, shared with the tests
+
 
 def build(cfg, device, dtype, seed):
     """transformers Emu3ForConditionalGeneration (random, tiny unused VQ) and our Emu3 sharing its weights."""
@@ -50,25 +53,6 @@ def build(cfg, device, dtype, seed):
         ours = Emu3(cfg)
     ours.load_state_dict(convert.llm_from_hf(sd, cfg), strict=True, assign=True)  # the same tensors, no copy
     return hf, ours.eval()
-
-
-def prefix_fn(h, w, cfg):
-    visual = list(range(cfg.visual_offset, cfg.visual_offset + cfg.codebook_size))  # as the Emu3 docs write it
-
-    def fn(batch_id, input_ids):
-        offset = input_ids.shape[0] - torch.nonzero(input_ids == cfg.img_id, as_tuple=True)[0][0]
-        if offset % (w + 1) == 0:
-            return (cfg.eol_id,)
-        elif offset == (w + 1) * h + 1:
-            return (cfg.eof_id,)
-        elif offset == (w + 1) * h + 2:
-            return (cfg.eoi_id,)
-        elif offset == (w + 1) * h + 3:
-            return (cfg.eos_id,)
-        elif offset > (w + 1) * h + 3:
-            return (cfg.pad_id,)
-        return visual
-    return fn
 
 
 def prompts(cfg, h, w):

@@ -124,3 +124,24 @@ def hf_chat_messages(question, with_image=True):
     user = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question + "."}]
     return [{"role": "system", "content": [{"type": "text", "text": "You are a helpful assistant."}]},
             {"role": "user", "content": user}]
+
+
+def prefix_fn(h, w, cfg):
+    """The grid rule as Emu3's docs write prefix_allowed_tokens_fn for transformers (reference §7.3)."""
+    visual = list(range(cfg.visual_offset, cfg.visual_offset + cfg.codebook_size))
+
+    def fn(batch_id, input_ids):
+        position = torch.nonzero(input_ids == cfg.img_id, as_tuple=True)[0][0]
+        offset = input_ids.shape[0] - position
+        if offset % (w + 1) == 0:
+            return (cfg.eol_id,)
+        elif offset == (w + 1) * h + 1:
+            return (cfg.eof_id,)
+        elif offset == (w + 1) * h + 2:
+            return (cfg.eoi_id,)
+        elif offset == (w + 1) * h + 3:
+            return (cfg.eos_id,)
+        elif offset > (w + 1) * h + 3:
+            return (cfg.pad_id,)
+        return visual
+    return fn

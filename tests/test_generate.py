@@ -21,7 +21,7 @@ from hypothesis import given, settings, strategies as st
 import convert
 import sample
 from emu3 import Emu3Config
-from hf_tiny import write_hf_tiny
+from hf_tiny import prefix_fn, write_hf_tiny
 from vqvae import postprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,27 +47,6 @@ def models(ckpt):
     model, cfg = convert.load_emu3(ours_dir, "cpu", torch.float32)
     return dict(hf=hf, processor=processor, model=model, cfg=cfg, vq=convert.load_vqvae(ours_dir),
                 tok=convert.load_tokenizer(ours_dir))
-
-
-def prefix_fn(h, w, cfg):
-    """The grid rule as Emu3's docs write prefix_allowed_tokens_fn for transformers (reference §7.3)."""
-    visual = list(range(cfg.visual_offset, cfg.visual_offset + cfg.codebook_size))
-
-    def fn(batch_id, input_ids):
-        position = torch.nonzero(input_ids == cfg.img_id, as_tuple=True)[0][0]
-        offset = input_ids.shape[0] - position
-        if offset % (w + 1) == 0:
-            return (cfg.eol_id,)
-        elif offset == (w + 1) * h + 1:
-            return (cfg.eof_id,)
-        elif offset == (w + 1) * h + 2:
-            return (cfg.eoi_id,)
-        elif offset == (w + 1) * h + 3:
-            return (cfg.eos_id,)
-        elif offset > (w + 1) * h + 3:
-            return (cfg.pad_id,)
-        return visual
-    return fn
 
 
 def ours_greedy(monkeypatch, model, cond, neg, h, w):
