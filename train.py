@@ -20,7 +20,7 @@ The toy has its own tiny byte-level BPE (ranks learnt here from the toy's text, 
 (pad = n_ranks, bos = n_ranks + 206, visual token k = n_ranks + 211 + k); Emu3Config carries those ids.
 
     python train.py                      # train VQ, then the decoder, into toy/ckpt (re-run to resume)
-    python train.py --eval               # score it through sample.py; writes toy/samples.png
+    python train.py --eval               # score it through sample.py; writes toy/samples.png (or --samples PATH)
 """
 import argparse
 import contextlib
@@ -374,7 +374,7 @@ def make_lm_batch(rng, tok, cfg, codes, scene_idx, n, p_gen=0.75, p_uncond=0.1):
     return tokens, targets
 
 
-def train_lm(model, tok, codes, scene_idx, state_path, steps, batch, lr, seed, log_every=25):
+def train_lm(model, tok, codes, scene_idx, state_path, steps, batch, lr, seed, p_gen=0.75, log_every=25):
     """Next-token cross-entropy on the masked positions; resumes from / saves to `state_path` every 100 steps."""
     cfg = model.cfg
     decay = [p for n, p in model.named_parameters() if p.ndim == 2]
@@ -392,7 +392,7 @@ def train_lm(model, tok, codes, scene_idx, state_path, steps, batch, lr, seed, l
     t0, t_step, avg = time.time(), step, None
     while step < steps:
         rng = random.Random(seed * 1_000_003 + 7 + step)
-        tokens, targets = make_lm_batch(rng, tok, cfg, codes, scene_idx, batch)
+        tokens, targets = make_lm_batch(rng, tok, cfg, codes, scene_idx, batch, p_gen)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr)
         logits = model(tokens)  # (B, T, V) fp32
@@ -533,14 +533,15 @@ TOY_VQ = dict(codebook_size=512, embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 1
 TOY_LM = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512, rope_theta=1e4, max_seq_len=512)
 
 
-def main(out, state, px, seed, threads, vq_steps, vq_batch, vq_lr, pool, lm_steps, lm_batch, lm_lr, run_eval, n_eval):
+def main(out, state, px, seed, threads, vq_steps, vq_batch, vq_lr, pool, lm_steps, lm_batch, lm_lr, run_eval, n_eval,
+         samples, p_gen):
     from emu3 import Emu3, Emu3Config
     from vqvae import VQVAE, VQConfig
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     if run_eval:
         evaluate(out, px, seed, n_eval)
-        sample_grid(out, os.path.join(os.path.dirname(os.path.normpath(out)), "samples.png"), px, seed)
+        sample_grid(out, samples or os.path.join(os.path.dirname(os.path.normpath(out)), "samples.png"), px, seed)
         return
     os.makedirs(out, exist_ok=True)
     os.makedirs(state, exist_ok=True)
@@ -568,7 +569,7 @@ def main(out, state, px, seed, threads, vq_steps, vq_batch, vq_lr, pool, lm_step
     torch.manual_seed(seed + 1)  # the same init whether or not this process trained the VQ
     model = Emu3(lm_cfg)
     print(f"decoder: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {lm_cfg.vocab_size}")
-    train_lm(model, tok, codes, scene_idx, os.path.join(state, "lm.pt"), lm_steps, lm_batch, lm_lr, seed)
+    train_lm(model, tok, codes, scene_idx, os.path.join(state, "lm.pt"), lm_steps, lm_batch, lm_lr, seed, p_gen)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               os.path.join(out, "model-00001-of-00001.safetensors"), {"format": "pt"})
     write_config(out, vq_cfg, lm_cfg)
@@ -588,10 +589,14 @@ if __name__ == "__main__":
     p.add_argument("--pool", type=int, default=8000, help="training images encoded once for the decoder stage")
     p.add_argument("--lm-steps", type=int, default=2000, help="decoder training steps")
     p.add_argument("--lm-batch", type=int, default=24, help="decoder batch size (sequences)")
+    p.add_argument("--p-gen", type=float, default=0.75,
+                   help="share of decoder sequences that are text->image (the rest are chat)")
     p.add_argument("--lm-lr", type=float, default=3e-3, help="decoder peak learning rate")
     p.add_argument("--eval", dest="run_eval", action="store_true",
-                   help="evaluate the checkpoint in --out (and draw samples.png next to it) instead of training")
+                   help="evaluate the checkpoint in --out (and draw a sample grid, see --samples) instead of training")
     p.add_argument("--n-eval", type=int, default=64, help="images / questions per eval score")
+    p.add_argument("--samples", default=None,
+                   help="where --eval writes its sample grid (default: samples.png next to --out)")
     args = p.parse_args()
     try:
         main(**vars(args))
