@@ -339,9 +339,10 @@ def generate_image_tokens(model, cond_ids, neg_ids, h, w, guidance=3.0, top_k=20
     off = torch.ones((), dtype=torch.long, device=dev)
     scores = image_scores(model, tokens, torch.arange(L, device=dev), pad, off, *args)
     out = torch.empty(B, n_new, dtype=torch.long, device=dev)
+    first = grid_window(cfg).start  # scores index the grid window: index + first = token id
     t0 = time.perf_counter()
     for i in range(n_new):
-        nxt = sample_token(scores, top_k == 1, generator) + grid_window(cfg).start  # (B,) window index -> token id
+        nxt = sample_token(scores, top_k == 1, generator) + first  # (B,)
         out[:, i] = nxt
         if i + 1 == n_new:  # the grid mask made this EOS: done
             break
