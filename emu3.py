@@ -111,7 +111,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.cache = None  # KVCache after Emu3.setup_cache
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, mask, input_pos, kv_len=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, hd)
@@ -119,6 +119,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(input_pos, k, v)  # (B, n_kv_heads, max_len, hd)
+            k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # (B, n_kv_heads, S, hd) views: columns < kv_len only
         # GQA: query head h reads kv head h // (n_heads / n_kv_heads), as the references' repeat_kv does, but
         # enable_gqa does it without copying the cache 4x every step
         # mask (B,1,T,S) bool, True = attend; scale 1/sqrt(head_dim); softmax accumulates in fp32
@@ -145,8 +146,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, input_pos):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, mask, input_pos, kv_len=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos, kv_len)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -172,11 +173,14 @@ class Emu3(nn.Module):
         for layer in self.layers:
             layer.attn.cache = KVCache(batch_size, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, w.device, w.dtype)
 
-    def forward(self, tokens, input_pos=None, pad=None, last_only=False, vocab=None):
+    def forward(self, tokens, input_pos=None, pad=None, last_only=False, vocab=None, kv_len=None):
         """tokens (B,T) long -> fp32 logits (B,T,V), or (B,1,V) with last_only.
 
         input_pos (T,) long: cache columns of these tokens (default arange(T)).
         pad (B,) long: left-padding columns per row (default 0).
+        kv_len: an int above every input_pos; attention reads only cache columns < kv_len (default: the whole
+        cache). Columns past the last token are masked out anyway, so this changes no result, only how much of the
+        cache each step reads; decode loops pass the position rounded up to a bucket (see sample.cache_len).
         vocab: a slice of token ids; logits only for those (a view of lm_head's rows, no copy). Image generation
         asks only for the ids its grid rule can allow, which skips most of lm_head.
         """
@@ -188,7 +192,7 @@ class Emu3(nn.Module):
             pad = torch.zeros(B, dtype=torch.long, device=dev)
         cache = self.layers[0].attn.cache
         # key columns: the whole cache, or just these tokens when running uncached
-        key_pos = torch.arange(cache.k.shape[2], device=dev) if cache is not None else input_pos  # (S,)
+        key_pos = torch.arange(kv_len or cache.k.shape[2], device=dev) if cache is not None else input_pos  # (S,)
         # row b, query column c sees key column j iff lo <= j <= c, lo = pad[b]; a padding query (c < pad[b])
         # sees only itself, so no softmax row is empty (its output is never used)
         lo = torch.minimum(pad[:, None], input_pos[None, :])  # (B, T)
@@ -199,7 +203,7 @@ class Emu3(nn.Module):
         # RoPE position of column c in row b is c - pad[b]: every row starts at 0 at its first real token
         cos, sin = rope_cos_sin(input_pos[None, :] - pad[:, None], self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos)
+            x = layer(x, cos, sin, mask, input_pos, kv_len)
         if last_only:
             x = x[:, -1:]  # (B, 1, dim)
         head = self.lm_head.weight if vocab is None else self.lm_head.weight[vocab]  # (V or V', dim)

@@ -75,6 +75,15 @@ def next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
 
 # ---- decoding loop ----
 
+def cache_len(n, size, bucket=256):
+    """Cache columns a step reads when n are filled: n rounded up to a bucket, at most the cache's size.
+
+    Attention then reads about n columns instead of all `size` (for a 720x720 image, half the cache on average);
+    rounding keeps the shapes few, since a compiled step is specialised (a CUDA graph recorded) per shape.
+    """
+    return min(size, -(-n // bucket) * bucket)
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, eos_id, pad_id, pick=lambda logits: logits.argmax(-1), on_token=None):
     """prompts: B lists of ids -> B lists of new ids (EOS excluded). on_token(b, id) is called as ids arrive."""
@@ -82,8 +91,10 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, pick=lambda logits:
     dev = model.embed.weight.device
     pad = torch.tensor([L - len(p) for p in prompts], device=dev)  # (B,) left padding per row
     tokens = torch.tensor([[pad_id] * (L - len(p)) + p for p in prompts], device=dev)  # (B, L)
-    model.setup_cache(B, L + max_new_tokens)
-    logits = model(tokens, input_pos=torch.arange(L, device=dev), pad=pad, last_only=True)[:, -1]  # (B, V)
+    size = L + max_new_tokens
+    model.setup_cache(B, size)
+    logits = model(tokens, input_pos=torch.arange(L, device=dev), pad=pad, last_only=True,
+                   kv_len=cache_len(L, size))[:, -1]  # (B, V)
     out, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool, device=dev)
     for i in range(max_new_tokens):
         tok = torch.where(done, pad_id, pick(logits))  # (B,): finished rows keep feeding pad
@@ -95,7 +106,8 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, pick=lambda logits:
         if done.all() or i == max_new_tokens - 1:
             break
         # one token per row at cache column L + i
-        logits = model(tok[:, None], input_pos=torch.tensor([L + i], device=dev), pad=pad)[:, -1]
+        logits = model(tok[:, None], input_pos=torch.tensor([L + i], device=dev), pad=pad,
+                       kv_len=cache_len(L + i + 1, size))[:, -1]
     return out
 
 
@@ -299,16 +311,18 @@ def sample_token(scores, greedy, generator=None):
     return (probs / noise).argmax(dim=-1)
 
 
-def image_scores(model, tokens, input_pos, pad, off, h, w, guidance, top_k, temperature):
+def image_scores(model, tokens, input_pos, pad, off, h, w, guidance, top_k, temperature, kv_len=None):
     """One step up to sampling: tokens (2B,T) -> scores (B,V') over grid_window ids for the next token.
     Device-only, no Python state:
-    this is the function --compile compiles (static shapes in decode: tokens (2B,1), input_pos (1,), off ()).
+    this is the function --compile compiles (static shapes in decode: tokens (2B,1), input_pos (1,), off ();
+    kv_len, the cache columns attention reads, takes one value per cache_len bucket).
 
     Order as transformers' generate: CFG -> grid mask -> temperature -> top-k (the mask adds only 0 or -inf, so
     dividing by the temperature before it is the same thing).
     """
     window = grid_window(model.cfg)
-    logits = model(tokens, input_pos=input_pos, pad=pad, last_only=True, vocab=window)[:, -1]  # (2B, V') fp32
+    logits = model(tokens, input_pos=input_pos, pad=pad, last_only=True, vocab=window, kv_len=kv_len)[:, -1]
+    # logits (2B, V') fp32
     B = logits.shape[0] // 2
     scores = cfg_scores(logits[:B], logits[B:], guidance) / temperature  # (B, V'): cond rows first, then uncond
     scores = constrain(scores, grid_mask(off, h, w, model.cfg, scores.shape[-1], first=window.start))
@@ -337,7 +351,8 @@ def generate_image_tokens(model, cond_ids, neg_ids, h, w, guidance=3.0, top_k=20
 
     # prefill the prompts eagerly (prompt-length shapes, run once); off = 1: the first grid token comes next
     off = torch.ones((), dtype=torch.long, device=dev)
-    scores = image_scores(model, tokens, torch.arange(L, device=dev), pad, off, *args)
+    size = L + n_new
+    scores = image_scores(model, tokens, torch.arange(L, device=dev), pad, off, *args, kv_len=cache_len(L, size))
     out = torch.empty(B, n_new, dtype=torch.long, device=dev)
     first = grid_window(cfg).start  # scores index the grid window: index + first = token id
     t0 = time.perf_counter()
@@ -348,7 +363,7 @@ def generate_image_tokens(model, cond_ids, neg_ids, h, w, guidance=3.0, top_k=20
             break
         # both halves get the conditionally sampled token, in cache column L+i; the token after it has offset i+2
         input_pos, off = torch.full((1,), L + i, device=dev), off + 1
-        scores = step(model, nxt.repeat(2)[:, None], input_pos, pad, off, *args)
+        scores = step(model, nxt.repeat(2)[:, None], input_pos, pad, off, *args, kv_len=cache_len(L + i + 1, size))
         if progress is not None and (i + 1) % (w + 1) == 0:  # a row done (host-side count: no sync)
             progress((i + 1) // (w + 1), h, B * (i + 1), time.perf_counter() - t0)
     return out

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import convert
 from emu3 import Emu3, Emu3Config
+from sample import cache_len
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "llm_tiny_original")
@@ -251,6 +252,11 @@ def test_cache_paths_match_full_forward():
         assert max_diff(torch.cat(chunks, 1), full) <= FP32_TOL
         m.setup_cache(2, 32)
         assert max_diff(m(ids, torch.arange(20), last_only=True), full[:, -1:]) <= FP32_TOL
+        # attention reading only the filled columns rounded up to buckets of 8 (sample.cache_len) changes nothing
+        m.setup_cache(2, 32)
+        steps = [m(ids[:, :6], torch.arange(6), kv_len=8)]
+        steps += [m(ids[:, t:t + 1], torch.tensor([t]), kv_len=cache_len(t + 1, 32, 8)) for t in range(6, 20)]
+        assert max_diff(torch.cat(steps, 1), full) <= FP32_TOL
 
 
 def test_left_padded_batch_matches_rows_alone():
@@ -305,7 +311,14 @@ def test_decode_step_is_one_graph():
         m.setup_cache(2, 16)
         pre = m(ids[:, :6], torch.arange(6), pad=pad)
         outs = [step(ids[:, t:t + 1], torch.tensor([t]), pad) for t in range(6, 12)]
+        # a bounded cache read (kv_len 8, 8, 10, 10, 12, 12): a graph for 8, one with kv_len symbolic from 10 on,
+        # none for 12 (so a 720x720 image, with ~33 buckets, compiles twice, not 33 times)
+        n = len(graphs)
+        m.setup_cache(2, 16)
+        m(ids[:, :6], torch.arange(6), pad=pad)
+        bounded = [step(ids[:, t:t + 1], torch.tensor([t]), pad, kv_len=cache_len(t + 1, 16, 2)) for t in range(6, 12)]
     torch._dynamo.reset()
-    assert len(graphs) == 1
+    assert (n, len(graphs)) == (1, 3)
     valid = torch.arange(12)[None] >= pad[:, None]
     assert max_diff(torch.cat([pre] + outs, 1)[valid], full[valid]) <= FP32_TOL
+    assert max_diff(torch.cat([pre] + bounded, 1)[valid], full[valid]) <= FP32_TOL

@@ -150,6 +150,24 @@ def test_one_batch_equals_two_passes(models, monkeypatch):
     assert torch.equal(out, torch.stack(ref, 1))
 
 
+def test_compiled_step_matches_eager(models, monkeypatch):
+    # the --compile fast path (torch.compile of image_scores; on a GPU also CUDA graphs) gives the eager tokens,
+    # with attention's cache reads bounded in buckets of 8 columns so that kv_len takes several values
+    m, cfg = models, models["cfg"]
+    h, w = 4, 5
+    cond = [sample.gen_prompt_ids(m["tok"], "a red fox" + sample.POSITIVE_PROMPT, h, w, cfg)]
+    neg = [sample.gen_prompt_ids(m["tok"], sample.NEGATIVE_PROMPT, h, w, cfg)]
+    real = sample.cache_len
+    monkeypatch.setattr(sample, "cache_len", lambda n, size: real(n, size, bucket=8))
+    run = lambda compile: sample.generate_image_tokens(m["model"], cond, neg, h, w, top_k=1, compile=compile)
+    eager = run(False)
+    torch._dynamo.reset()
+    try:
+        assert torch.equal(run(True), eager)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_seed_reproducible_and_seed_dependent(models):
     m, cfg = models, models["cfg"]
     h, w = 3, 3
@@ -278,8 +296,9 @@ class FakeModel(torch.nn.Module):
     def setup_cache(self, batch_size, max_len):
         pass
 
-    def forward(self, tokens, input_pos=None, pad=None, last_only=False, vocab=None):
+    def forward(self, tokens, input_pos=None, pad=None, last_only=False, vocab=None, kv_len=None):
         self.fed.append((tokens.clone(), input_pos.clone()))
+        assert kv_len is None or kv_len > input_pos.max()  # attention must read every filled column
         B, V = tokens.shape[0], self.cfg.vocab_size
         x = torch.randn(B, 1, V, generator=self.g)
         if self.mode == "huge":

@@ -1,6 +1,7 @@
 """VQ-VAE tests: parity with transformers' Emu3VQVAE (random small configs and the full-size config), with the
 original BAAI code (fixture written by tests/fixtures/make_vq_fixture.py), image processor parity with
 transformers' Emu3ImageProcessor, checkpoint conversion/loading, and bad inputs."""
+import copy
 import dataclasses
 import json
 import os
@@ -102,7 +103,7 @@ def shape_codebook_(hf, z, g):
         if code_margin(z, cb) > MIN_MARGIN:
             hf.quantize.embedding.weight.data = cb
             return code_margin(z, cb)
-    raise AssertionError("no codebook with a clear margin")
+    return None  # no codebook with a clear margin: the caller rejects the draw
 
 
 def assert_close(ours, ref, tol=1e-5):
@@ -140,13 +141,22 @@ def test_parity_hf(case):
     x = torch.rand(shape, generator=g) * 2 - 1
     with torch.no_grad():
         margin = shape_codebook_(hf, hf_latents(hf, x), g)
+        assume(margin is not None)  # codes too close to call in fp32: not a fair parity case
         ours = ours_from_hf(hf, cfg)
         ref = hf_codes(hf, x)
         codes = ours.encode(x)
-        assert margin > MIN_MARGIN
         assert codes.shape == ref.shape and torch.equal(codes, ref)
         assert ref.unique().numel() > 1  # not a degenerate model
-        assert_close(ours.decode(ref), hf.decode(ref))
+        # pixels: in fp64 the two agree to ~1e-15 whatever the draw (transformers with sdpa attention: its eager
+        # path takes the softmax in fp32 even for fp64 inputs). In fp32 ours must be within 1e-5 (relative) of the
+        # fp64 result or, for an ill-conditioned draw (random weights can amplify rounding a thousandfold), about as
+        # close to it as transformers' own fp32 result is (within 4x)
+        hf64 = copy.deepcopy(hf).double()
+        hf64.config._attn_implementation = "sdpa"
+        ref64 = hf64.decode(ref)
+        assert_close(copy.deepcopy(ours).double().decode(ref), ref64, tol=1e-10)
+        err_hf32 = (hf.decode(ref).double() - ref64).abs().max().item()
+        assert_close(ours.decode(ref).double(), ref64, tol=1e-5 + 4 * err_hf32 / max(1.0, ref64.abs().max().item()))
 
 
 def test_parity_hf_full_size():
@@ -157,6 +167,7 @@ def test_parity_hf_full_size():
     x = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
     with torch.no_grad():
         margin = shape_codebook_(hf, hf_latents(hf, x), g)
+        assert margin is not None, "no codebook with a clear margin"
         ours = ours_from_hf(hf, cfg)
         assert len(ours.state_dict()) == 495
         ref = hf_codes(hf, x)
