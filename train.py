@@ -4,14 +4,15 @@ Everything here goes through the real code: `vqvae.VQVAE`, `emu3.Emu3`, `convert
 prompt builders (reference §4.3, §6), so `python sample.py image|chat --ckpt toy/ckpt ...` runs the toy exactly as
 it runs the released checkpoints; only config.json (sizes, special-token ids) and tokenizer.json differ.
 
-    draw(scene) -> PIL 32x32 --vqvae.preprocess--> x (B,3,32,32) in [-1,1]
-      VQ stage:  x -> encoder (2-D, then temporal on 4 equal frames) -> quant_conv -> z (B,4,1,4,4)
-                   -> nearest code e, straight-through z + sg(e - z) -> decoder (frame 0) -> x' (B,3,32,32)
+    draw(scene) -> PIL 48x48 --vqvae.preprocess--> x (B,3,48,48) in [-1,1]
+      VQ stage:  x -> encoder (2-D, then temporal on 4 equal frames) -> quant_conv -> z (B,4,1,6,6)
+                   -> nearest code e, straight-through z + sg(e - z) -> decoder (frame 0) -> x' (B,3,48,48)
                  loss = L1 + L2 (shape pixels x5) + |sg(z) - e|^2 + 0.25 |z - sg(e)|^2; a plain autoencoder
                  warm-up, then k-means codebook init and dead-code restarts
-      LM stage:  VQVAE.encode -> codes (4,4) -> ids; next-token cross-entropy on the answer part only
-        gen:  bos caption+POSITIVE <|image start|> 4*4 <|image token|> [4 visual, eol] x 4 eof eoi eos
-              (loss on the image block; 10% of captions are the negative prompt or empty: the CFG branch)
+      LM stage:  VQVAE.encode -> codes (6,6) -> ids; next-token cross-entropy on the answer part only, averaged
+                 per sequence; 60% gen, 40% chat sequences
+        gen:  bos caption+POSITIVE <|image start|> 6*6 <|image token|> [6 visual, eol] x 6 eof eoi eos
+              (loss on the image block; some captions are the negative prompt or empty: the CFG branch)
         chat: bos "You are a helpful assistant. USER: " <image block> question ". ASSISTANT:" " answer" eos
     -> DIR/{config.json, model-00001-of-00001.safetensors, vqvae.safetensors, tokenizer.json}
 
@@ -52,8 +53,12 @@ POSITIONS = {"in the top left": (0, 0), "at the top": (0, 1), "in the top right"
 BACKGROUND = (240, 240, 240)
 BG = torch.tensor(BACKGROUND).view(1, 3, 1, 1) / 127.5 - 1  # the background in the model's [-1, 1] range
 ALL_SCENES = [(sh, co, si, po) for sh in SHAPES for co in COLOURS for si in SIZES for po in POSITIONS]  # 324
-# about 1 scene in 9 is never trained on; eval prompts come from these (the model must compose words it has seen)
-HELD_OUT = [s for i, s in enumerate(ALL_SCENES) if i % 9 == 4]
+# 1 scene in 9 is never trained on: those whose attribute indices sum to 4 mod 9 (one position per shape, colour
+# and size). Every attribute value and every pair of values still occurs in training, so a held-out caption asks
+# for a new combination of words and looks the model has seen; eval prompts come from these
+HELD_OUT = [(sh, co, si, po) for (a, sh), (b, co), (c, si), (d, po) in
+            ((a, b, c, d) for a in enumerate(SHAPES) for b in enumerate(COLOURS) for c in enumerate(SIZES)
+             for d in enumerate(POSITIONS)) if (a + b + c + d) % 9 == 4]
 TRAIN_SCENES = [s for s in ALL_SCENES if s not in HELD_OUT]
 
 
@@ -62,7 +67,7 @@ def caption(scene):
     return f"a {size} {colour} {shape} {pos}"
 
 
-def draw(scene, px=32, rng=random):
+def draw(scene, px=48, rng=random):
     """scene (shape, colour, size, position) -> RGB PIL image px*px, with jittered size, place and colour."""
     shape, colour, size, pos = scene
     img = Image.new("RGB", (px, px), BACKGROUND)
@@ -347,7 +352,7 @@ def chat_sequence(tok, cfg, question, ans, codes):
     return prompt + reply, [0] * len(prompt) + [1] * len(reply)
 
 
-def make_lm_batch(rng, tok, cfg, codes, scene_idx, n, p_gen=0.75, p_uncond=0.1):
+def make_lm_batch(rng, tok, cfg, codes, scene_idx, n, p_gen=0.6, p_uncond=0.4):
     """n sequences drawn from the encoded pool -> tokens (n,T), targets (n,T) with -100 outside the loss."""
     import sample
     seqs = []
@@ -374,7 +379,8 @@ def make_lm_batch(rng, tok, cfg, codes, scene_idx, n, p_gen=0.75, p_uncond=0.1):
     return tokens, targets
 
 
-def train_lm(model, tok, codes, scene_idx, state_path, steps, batch, lr, seed, p_gen=0.75, log_every=25):
+def train_lm(model, tok, codes, scene_idx, state_path, steps, batch, lr, seed, p_gen=0.6, p_uncond=0.4,
+             log_every=25, save_every=100):
     """Next-token cross-entropy on the masked positions; resumes from / saves to `state_path` every 100 steps."""
     cfg = model.cfg
     decay = [p for n, p in model.named_parameters() if p.ndim == 2]
@@ -392,11 +398,14 @@ def train_lm(model, tok, codes, scene_idx, state_path, steps, batch, lr, seed, p
     t0, t_step, avg = time.time(), step, None
     while step < steps:
         rng = random.Random(seed * 1_000_003 + 7 + step)
-        tokens, targets = make_lm_batch(rng, tok, cfg, codes, scene_idx, batch, p_gen)
+        tokens, targets = make_lm_batch(rng, tok, cfg, codes, scene_idx, batch, p_gen, p_uncond)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr)
         logits = model(tokens)  # (B, T, V) fp32
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets[:, 1:].flatten())
+        # mean over each sequence's loss tokens, then over sequences: a chat answer (~6 tokens) weighs as much as
+        # an image (~40), else the images drown the answers and chat learns little beyond colour
+        ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets[:, 1:], reduction="none")  # (B, T-1)
+        loss = (ce.sum(1) / (targets[:, 1:] != -100).sum(1).clamp_min(1)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -407,7 +416,7 @@ def train_lm(model, tok, codes, scene_idx, state_path, steps, batch, lr, seed, p
             print(f"lm step {step}/{steps}  loss {loss.item():.4f}  avg {avg:.4f}  lr {lr_at(step - 1, steps, lr):.2e}"
                   f"  {(time.time() - t0) / (step - t_step):.2f}s/step", flush=True)
             t0, t_step = time.time(), step
-        if step % 100 == 0 or step == steps:
+        if step % save_every == 0 or step == steps:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, state_path + ".tmp")
             os.replace(state_path + ".tmp", state_path)
     model.eval()
@@ -444,6 +453,12 @@ def run_chat_cli(out, questions, images, px, tmp, dtype="bfloat16"):
     return buf.getvalue().splitlines()
 
 
+def eval_sets(rng, n):
+    """[("held-out", every held-out scene in turn, n of them), ("trained", n random trained scenes)]."""
+    return [("held-out", [HELD_OUT[i % len(HELD_OUT)] for i in range(n)]),
+            ("trained", [random_scene(rng, TRAIN_SCENES) for _ in range(n)])]
+
+
 def evaluate(out, px, seed, n_eval):
     """Print VQ reconstruction PSNR, colour/shape scores of generated images and of chat answers."""
     import tempfile
@@ -460,24 +475,23 @@ def evaluate(out, px, seed, n_eval):
           f"{pct(g[0] == s[1] for g, s in zip(got, scenes))}, shape {pct(g[1] == s[0] for g, s in zip(got, scenes))}")
     with tempfile.TemporaryDirectory() as tmp:
         # 2. text -> image on captions never trained on (and on trained ones, for comparison), default CLI settings
-        for name, pool in (("held-out", HELD_OUT), ("trained", TRAIN_SCENES)):
-            scenes = [pool[i % len(pool)] for i in range(n_eval)] if name == "held-out" else \
-                [random_scene(rng, pool) for _ in range(n_eval)]
+        for name, scenes in eval_sets(rng, n_eval):
             t0 = time.time()
             imgs = run_image_cli(out, [caption(s) for s in scenes], seed, tmp)
             got = [check(im) for im in imgs]
             print(f"image ({name} captions, {n_eval} images, {time.time() - t0:.0f}s): colour "
                   f"{pct(g[0] == s[1] for g, s in zip(got, scenes))}, shape "
                   f"{pct(g[1] == s[0] for g, s in zip(got, scenes))}", flush=True)
-        # 3. chat about new images of held-out scenes, greedy
-        scenes = [HELD_OUT[i % len(HELD_OUT)] for i in range(n_eval)]
-        imgs = [draw(s, px, rng) for s in scenes]
-        for q, keys in (("What colour is the shape?", (1,)), ("What shape is this?", (0,)),
-                        ("Describe the image.", (0, 1))):
-            answers = run_chat_cli(out, [q], imgs, px, tmp)
-            ok = [all(re.search(rf"\b{s[k]}\b", a) for k in keys) for a, s in zip(answers, scenes)]
-            print(f"chat {q!r}: {pct(ok)} name the right {' and '.join(('shape', 'colour')[k] for k in keys)}"
-                  f"  (e.g. {answers[0].strip()!r} for {caption(scenes[0])!r})", flush=True)
+        # 3. chat about new images of held-out scenes (and of trained ones, for comparison), greedy
+        for name, scenes in eval_sets(rng, n_eval):
+            imgs = [draw(s, px, rng) for s in scenes]
+            for q, keys in (("What colour is the shape?", (1,)), ("What shape is this?", (0,)),
+                            ("Describe the image.", (0, 1))):
+                answers = run_chat_cli(out, [q], imgs, px, tmp)
+                ok = [all(re.search(rf"\b{s[k]}\b", a) for k in keys) for a, s in zip(answers, scenes)]
+                print(f"chat ({name} scenes) {q!r}: {pct(ok)} name the right "
+                      f"{' and '.join(('shape', 'colour')[k] for k in keys)}"
+                      f"  (e.g. {answers[0].strip()!r} for {caption(scenes[0])!r})", flush=True)
 
 
 def pct(oks):
@@ -534,10 +548,11 @@ TOY_LM = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512, rope_th
 
 
 def main(out, state, px, seed, threads, vq_steps, vq_batch, vq_lr, pool, lm_steps, lm_batch, lm_lr, run_eval, n_eval,
-         samples, p_gen):
+         samples, p_gen, p_uncond):
     from emu3 import Emu3, Emu3Config
     from vqvae import VQVAE, VQConfig
-    torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(seed)
     if run_eval:
         evaluate(out, px, seed, n_eval)
@@ -569,7 +584,8 @@ def main(out, state, px, seed, threads, vq_steps, vq_batch, vq_lr, pool, lm_step
     torch.manual_seed(seed + 1)  # the same init whether or not this process trained the VQ
     model = Emu3(lm_cfg)
     print(f"decoder: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {lm_cfg.vocab_size}")
-    train_lm(model, tok, codes, scene_idx, os.path.join(state, "lm.pt"), lm_steps, lm_batch, lm_lr, seed, p_gen)
+    train_lm(model, tok, codes, scene_idx, os.path.join(state, "lm.pt"), lm_steps, lm_batch, lm_lr, seed, p_gen,
+             p_uncond)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               os.path.join(out, "model-00001-of-00001.safetensors"), {"format": "pt"})
     write_config(out, vq_cfg, lm_cfg)
@@ -580,21 +596,24 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Train (or evaluate) the toy Emu3 on synthetic shapes, on CPU.")
     p.add_argument("--out", default="toy/ckpt", help="checkpoint dir to write (our format)")
     p.add_argument("--state", default="toy/state", help="dir for resumable training state and the encoded data")
-    p.add_argument("--px", type=int, default=32, help="image side in pixels (grid = px/8)")
+    p.add_argument("--px", type=int, default=48, help="image side in pixels (grid = px/8)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is much faster on a busy machine)")
-    p.add_argument("--vq-steps", type=int, default=2500, help="VQ-VAE training steps")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, all cores; 1 is much faster on a busy machine)")
+    p.add_argument("--vq-steps", type=int, default=2000, help="VQ-VAE training steps")
     p.add_argument("--vq-batch", type=int, default=8, help="VQ-VAE batch size")
     p.add_argument("--vq-lr", type=float, default=2e-3, help="VQ-VAE peak learning rate")
-    p.add_argument("--pool", type=int, default=8000, help="training images encoded once for the decoder stage")
-    p.add_argument("--lm-steps", type=int, default=2000, help="decoder training steps")
+    p.add_argument("--pool", type=int, default=12000, help="training images encoded once for the decoder stage")
+    p.add_argument("--lm-steps", type=int, default=4000, help="decoder training steps")
     p.add_argument("--lm-batch", type=int, default=24, help="decoder batch size (sequences)")
-    p.add_argument("--p-gen", type=float, default=0.75,
+    p.add_argument("--p-gen", type=float, default=0.6,
                    help="share of decoder sequences that are text->image (the rest are chat)")
+    p.add_argument("--p-uncond", type=float, default=0.4,
+                   help="share of text->image sequences whose caption is the negative or an empty prompt (CFG)")
     p.add_argument("--lm-lr", type=float, default=3e-3, help="decoder peak learning rate")
     p.add_argument("--eval", dest="run_eval", action="store_true",
                    help="evaluate the checkpoint in --out (and draw a sample grid, see --samples) instead of training")
-    p.add_argument("--n-eval", type=int, default=64, help="images / questions per eval score")
+    p.add_argument("--n-eval", type=int, default=72, help="images / questions per eval score")
     p.add_argument("--samples", default=None,
                    help="where --eval writes its sample grid (default: samples.png next to --out)")
     args = p.parse_args()
