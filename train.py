@@ -56,9 +56,8 @@ ALL_SCENES = [(sh, co, si, po) for sh in SHAPES for co in COLOURS for si in SIZE
 # 1 scene in 9 is never trained on: those whose attribute indices sum to 4 mod 9 (one position per shape, colour
 # and size). Every attribute value and every pair of values still occurs in training, so a held-out caption asks
 # for a new combination of words and looks the model has seen; eval prompts come from these
-HELD_OUT = [(sh, co, si, po) for (a, sh), (b, co), (c, si), (d, po) in
-            ((a, b, c, d) for a in enumerate(SHAPES) for b in enumerate(COLOURS) for c in enumerate(SIZES)
-             for d in enumerate(POSITIONS)) if (a + b + c + d) % 9 == 4]
+INDEX = [{v: i for i, v in enumerate(values)} for values in (SHAPES, COLOURS, SIZES, POSITIONS)]
+HELD_OUT = [s for s in ALL_SCENES if sum(ix[v] for ix, v in zip(INDEX, s)) % 9 == 4]
 TRAIN_SCENES = [s for s in ALL_SCENES if s not in HELD_OUT]
 
 
@@ -381,7 +380,7 @@ def make_lm_batch(rng, tok, cfg, codes, scene_idx, n, p_gen=0.6, p_uncond=0.4):
 
 def train_lm(model, tok, codes, scene_idx, state_path, steps, batch, lr, seed, p_gen=0.6, p_uncond=0.4,
              log_every=25, save_every=100):
-    """Next-token cross-entropy on the masked positions; resumes from / saves to `state_path` every 100 steps."""
+    """Next-token cross-entropy on the masked positions; resumes from / saves to `state_path` every save_every steps."""
     cfg = model.cfg
     decay = [p for n, p in model.named_parameters() if p.ndim == 2]
     other = [p for n, p in model.named_parameters() if p.ndim < 2]  # norm weights: no weight decay
