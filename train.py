@@ -351,7 +351,7 @@ def chat_sequence(tok, cfg, question, ans, codes):
     return prompt + reply, [0] * len(prompt) + [1] * len(reply)
 
 
-def make_lm_batch(rng, tok, cfg, codes, scene_idx, n, p_gen=0.6, p_uncond=0.4):
+def make_lm_batch(rng, tok, cfg, codes, scene_idx, n, p_gen, p_uncond):
     """n sequences drawn from the encoded pool -> tokens (n,T), targets (n,T) with -100 outside the loss."""
     import sample
     seqs = []
@@ -378,8 +378,8 @@ def make_lm_batch(rng, tok, cfg, codes, scene_idx, n, p_gen=0.6, p_uncond=0.4):
     return tokens, targets
 
 
-def train_lm(model, tok, codes, scene_idx, state_path, steps, batch, lr, seed, p_gen=0.6, p_uncond=0.4,
-             log_every=25, save_every=100):
+def train_lm(model, tok, codes, scene_idx, state_path, steps, batch, lr, seed, p_gen, p_uncond, log_every=25,
+             save_every=100):
     """Next-token cross-entropy on the masked positions; resumes from / saves to `state_path` every save_every steps."""
     cfg = model.cfg
     decay = [p for n, p in model.named_parameters() if p.ndim == 2]

@@ -108,7 +108,7 @@ def test_lm_training_resumes_to_the_same_weights(tok, tmp_path, monkeypatch):
         torch.manual_seed(0)
         return Emu3(cfg)
     lm = lambda path: train.train_lm(fresh(), tok, codes, scene_idx, str(tmp_path / path), 6, 4, 1e-3, 0,
-                                     log_every=100, save_every=2)
+                                     p_gen=0.6, p_uncond=0.4, log_every=100, save_every=2)
     straight = lm("a.pt")
     real, calls = train.make_lm_batch, []
 
