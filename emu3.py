@@ -9,13 +9,16 @@ Images enter as ordinary token ids (VQ code k -> visual_offset + k), so this fil
       -> RMSNorm -> lm_head -> logits (B,T,184622), returned in fp32
 
 Numerics follow the references on purpose: RMSNorm computes in fp32 and casts back before the weight multiply,
-RoPE tables are computed in fp32 from positions and cast to the activation dtype just before use, attention
-softmax runs in fp32 (scaled_dot_product_attention), logits are upcast to fp32 like the original's `.float()`.
-Dropout (p=0.1 in the reference config, active only in training) is left out.
+RoPE tables are computed once in fp32 on the CPU (as the original's cos/sin cache) and cast to the activation dtype
+just before use, attention softmax runs in fp32 (scaled_dot_product_attention), logits are upcast to fp32 like the
+original's `.float()`. Dropout (p=0.1 in the reference config, active only in training) is left out.
 
 One `forward(tokens, input_pos, pad)` serves training, prefill, chunked prefill and decode:
 `input_pos` (T,) are the cache columns the tokens occupy, `pad` (B,) the left-padding columns of each row.
-Row b sees key column j from query column c iff pad[b] <= j <= c, and its RoPE position for column c is c - pad[b].
+Row b sees key column j from query column c iff pad[b] <= j <= c (`attention_mask`), and its RoPE position for
+column c is c - pad[b]. Without input_pos and pad (a whole unpadded sequence from column 0) attention is plain
+causal, with no mask at all. Attention never passes a mask together with enable_gqa, so that a fused kernel (flash,
+memory-efficient) takes every call on any GPU: a masked call folds each kv head's query heads into the query axis.
 """
 from dataclasses import dataclass
 
@@ -71,18 +74,37 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_cos_sin(pos, head_dim: int, theta: float, dtype):
-    """pos (B,T) long -> cos, sin (B,1,T,head_dim) in `dtype`; tables computed in fp32 whatever the model dtype."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim))
-    freqs = pos.float()[..., None] * inv_freq  # (B, T, head_dim/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, head_dim), half-split layout
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+def rope_table(n_positions: int, head_dim: int, theta: float):
+    """cos, sin (n_positions, head_dim) in fp32, computed on the CPU: positions 0..n-1, half-split layout.
+
+    Computed once (per cache size) and indexed by position, so eager and compiled steps, and every device, read
+    the same values; the error of a recomputed cos grows with the position."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.arange(n_positions, dtype=torch.float32)[:, None] * inv_freq  # (n, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (n, head_dim)
+    return emb.cos(), emb.sin()
 
 
 def apply_rope(x, cos, sin):
     """x (B,H,T,hd): x*cos + rotate_half(x)*sin, rotate_half(x) = cat(-x2, x1)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def attention_mask(input_pos, pad, keys):
+    """(B, 1, T, S) bool, True = attend: row b's query at cache column c sees key column j iff pad[b] <= j <= c.
+    input_pos (T,) query columns, pad (B,), keys (S,) key columns.
+
+    For a row with pad = 2 and queries at columns 3, 4, 5 (x = attend):
+        key column  0 1 2 3 4 5
+        query 3     . . x x . .
+        query 4     . . x x x .
+        query 5     . . x x x x
+    A padding query (c < pad[b]) sees only itself, so no softmax row is empty (its output is never used).
+    """
+    first = torch.minimum(pad[:, None], input_pos[None, :])                # (B, T): the first key each query sees
+    mask = (keys <= input_pos[:, None]) & (keys >= first[:, :, None])      # (B, T, S)
+    return mask[:, None]
 
 
 class KVCache(nn.Module):
@@ -95,10 +117,12 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
     def update(self, input_pos, k, v):
-        # input_pos (T,), k/v (B, n_kv_heads, T, head_dim) -> whole cache (B, n_kv_heads, max_len, head_dim)
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
+        # input_pos (T,), k/v (B, n_kv_heads, T, head_dim) -> this batch's rows (B, n_kv_heads, max_len, head_dim);
+        # views of the first B rows, so a cache kept from a larger batch serves a smaller one
+        ck, cv = self.k[: k.shape[0]], self.v[: k.shape[0]]
+        ck.index_copy_(2, input_pos, k)
+        cv.index_copy_(2, input_pos, v)
+        return ck, cv
 
 
 class Attention(nn.Module):
@@ -112,6 +136,8 @@ class Attention(nn.Module):
         self.cache = None  # KVCache after Emu3.setup_cache
 
     def forward(self, x, cos, sin, mask, input_pos, kv_len=None):
+        """x (B,T,dim); mask (B,1,group*T,S) folded (see Emu3.forward), or None for plain causal attention over a
+        whole sequence from column 0; kv_len: attention reads only cache columns < kv_len."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, hd)
@@ -120,11 +146,15 @@ class Attention(nn.Module):
         if self.cache is not None:
             k, v = self.cache.update(input_pos, k, v)  # (B, n_kv_heads, max_len, hd)
             k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # (B, n_kv_heads, S, hd) views: columns < kv_len only
-        # GQA: query head h reads kv head h // (n_heads / n_kv_heads), as the references' repeat_kv does, but
-        # enable_gqa does it without copying the cache 4x every step
-        # mask (B,1,T,S) bool, True = attend; scale 1/sqrt(head_dim); softmax accumulates in fp32
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, n_heads, T, hd)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        # GQA: query head h reads kv head h // group, as the references' repeat_kv does, without copying the cache
+        # scale 1/sqrt(head_dim); softmax accumulates in fp32
+        if mask is None:  # causal from column 0, no padding: flash attention takes it, GQA included
+            y = F.scaled_dot_product_attention(q, k[:, :, :T], v[:, :, :T], is_causal=True, enable_gqa=True)
+        else:  # the query heads of each kv head as one longer query axis: (B, n_kv_heads, group*T, hd)
+            group = self.n_heads // self.n_kv_heads
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, group * T, self.head_dim), k, v,
+                                               attn_mask=mask)
+        return self.wo(y.view(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -159,6 +189,7 @@ class Emu3(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)  # untied from embed
+        self.rope = None  # (cos, sin) fp32 tables, see rope_for
         self.apply(self._init_weights)  # a no-op (and instant) when built on the meta device
 
     @staticmethod
@@ -168,40 +199,61 @@ class Emu3(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
 
     def setup_cache(self, batch_size: int, max_len: int) -> None:
-        """Give every layer a zeroed static KV cache (B, n_kv_heads, max_len, head_dim) on the model's device/dtype."""
-        w = self.embed.weight
+        """Static KV caches (batch_size, n_kv_heads, max_len, head_dim), zeroed, on the model's device and dtype, and
+        the RoPE table for max_len positions. Kept between calls: a call that needs no more rows or columns than
+        the present cache reuses it (its storage, and so any CUDA graph recorded over it); columns left from an
+        earlier call are finite and masked out."""
+        w, cache = self.embed.weight, self.layers[0].attn.cache
+        if (cache is not None and cache.k.shape[0] >= batch_size and cache.k.shape[2] >= max_len
+                and cache.k.device == w.device and cache.k.dtype == w.dtype):
+            return
+        for layer in self.layers:
+            layer.attn.cache = None  # free the old cache before the new one is allocated
         for layer in self.layers:
             layer.attn.cache = KVCache(batch_size, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, w.device, w.dtype)
+        self.rope_for(max_len, w.device)
+
+    def rope_for(self, n_positions, device):
+        """The fp32 RoPE table (cos, sin), each (>= n_positions, head_dim) on device, built on the CPU when missing
+        or too short. A plain attribute, not a buffer, so that model.to(bf16) cannot round it."""
+        if self.rope is None or self.rope[0].shape[0] < n_positions or self.rope[0].device != device:
+            n = max(n_positions, 0 if self.rope is None else self.rope[0].shape[0])
+            self.rope = tuple(t.to(device) for t in rope_table(n, self.cfg.head_dim, self.cfg.rope_theta))
+        return self.rope
 
     def forward(self, tokens, input_pos=None, pad=None, last_only=False, vocab=None, kv_len=None):
         """tokens (B,T) long -> fp32 logits (B,T,V), or (B,1,V) with last_only.
 
-        input_pos (T,) long: cache columns of these tokens (default arange(T)).
-        pad (B,) long: left-padding columns per row (default 0).
+        input_pos (T,) long: cache columns of these tokens. pad (B,) long: left-padding columns per row.
+        Both None: a whole unpadded sequence from column 0 (training, or an unpadded prefill), attended causally
+        with no mask, which fused kernels (flash) take as is.
         kv_len: an int above every input_pos; attention reads only cache columns < kv_len (default: the whole
         cache). Columns past the last token are masked out anyway, so this changes no result, only how much of the
-        cache each step reads; decode loops pass the position rounded up to a bucket (see sample.cache_len).
+        cache each step reads; decode loops pass the position rounded up to a bucket (see generate.cache_len).
         vocab: a slice of token ids; logits only for those (a view of lm_head's rows, no copy). Image generation
         asks only for the ids its grid rule can allow, which skips most of lm_head.
         """
         B, T = tokens.shape
         dev = tokens.device
-        if input_pos is None:
-            input_pos = torch.arange(T, device=dev)
-        if pad is None:
-            pad = torch.zeros(B, dtype=torch.long, device=dev)
         cache = self.layers[0].attn.cache
-        # key columns: the whole cache, or just these tokens when running uncached
-        key_pos = torch.arange(kv_len or cache.k.shape[2], device=dev) if cache is not None else input_pos  # (S,)
-        # row b, query column c sees key column j iff lo <= j <= c, lo = pad[b]; a padding query (c < pad[b])
-        # sees only itself, so no softmax row is empty (its output is never used)
-        lo = torch.minimum(pad[:, None], input_pos[None, :])  # (B, T)
-        mask = (key_pos[None, None, :] <= input_pos[None, :, None]) & (key_pos[None, None, :] >= lo[:, :, None])
-        mask = mask[:, None]  # (B, 1, T, S)
+        n_positions = cache.k.shape[2] if cache is not None else T
+        cos, sin = self.rope_for(n_positions, dev)  # (n, head_dim) fp32
+        if input_pos is None and pad is None:
+            input_pos, mask = torch.arange(T, device=dev), None
+            pos = input_pos[None]  # (1, T)
+        else:
+            input_pos = torch.arange(T, device=dev) if input_pos is None else input_pos
+            pad = torch.zeros(B, dtype=torch.long, device=dev) if pad is None else pad
+            # key columns: the cache's (up to kv_len), or just these tokens when running uncached
+            keys = torch.arange(kv_len or cache.k.shape[2], device=dev) if cache is not None else input_pos  # (S,)
+            group = self.cfg.n_heads // self.cfg.n_kv_heads
+            # one mask row per query head of a kv head, as Attention folds them: (B, 1, group*T, S)
+            mask = attention_mask(input_pos, pad, keys).repeat(1, 1, group, 1)
+            # RoPE position of column c in row b is c - pad[b]: every row starts at 0 at its first real token
+            pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T); padding columns' values are unused
 
         x = self.embed(tokens)  # (B, T, dim)
-        # RoPE position of column c in row b is c - pad[b]: every row starts at 0 at its first real token
-        cos, sin = rope_cos_sin(input_pos[None, :] - pad[:, None], self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = cos[pos].to(x.dtype)[:, None], sin[pos].to(x.dtype)[:, None]  # (B or 1, 1, T, head_dim)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos, kv_len)
         if last_only:

@@ -1,472 +1,457 @@
-"""Run Emu3: chat about an image (or plain text), and generate images. The only file that knows prompts.
+"""The jobs: chat about images (Emu3-Chat), generate images (Emu3-Gen), and a VQ-VAE round trip; command line and API.
 
-Tracks the original BAAI `emu3/mllm/processing_emu3.py` + `multimodal_understanding.py` (reference §4.3, §6.1, §8);
-the end-to-end parity target is transformers' Emu3Processor + greedy `generate` (tests/test_chat.py).
+    python sample.py chat  --ckpt DIR --image photo.jpg --prompt "Describe the image."
+    python sample.py chat  --ckpt DIR --raw --prompt "Compare <image> with <image>." --image a.jpg --image b.jpg
+    python sample.py chat  --ckpt DIR --messages conversation.json
+    python sample.py image --ckpt DIR --prompt "a red fox in the snow" --ratio 16:9 --seed 0 --out fox.png
+    python sample.py recon --ckpt DIR --image photo.jpg --out recon.png
 
-chat:
-    image (H,W,3) -> preprocess (3,H',W') in [-1,1] -> VQ encode -> codes (h,w), h = H'/8
-    prompt string = bos + "You are a helpful assistant. USER: " + image block + question + ". ASSISTANT:"
-      image block = <|image start|> "h*w" <|image token|> [visual tokens of a row, EOL] x h  EOF <|image end|>
-    -> tokenizer -> ids (L,) ; B prompts left-padded to (B,L) with pad; emu3's `pad` (B,) masks the padding
-    -> prefill once (static KV cache) -> one token per step: greedy, or temperature / top-k / top-p sampling
-    -> stop per row at EOS -> decode (special tokens skipped), streamed to stdout
-image: see the "image generation" section.
+From Python (strings and PIL images in, strings and PIL images out):
+    import sample
+    m = sample.load("ckpt/gen")
+    [fox] = sample.images(m, ["a red fox in the snow"], ratios=["16:9"], seed=0)
+    [answer] = sample.chat(m, ["Describe the image."], [fox])
 
-    python sample.py chat --ckpt DIR --image photo.jpg --prompt "Describe the image"
+chat:  images -> preprocess -> VQ encode, each image alone -> codes (h, w) -> prompt string (prompts.py)
+       -> ids, B prompts left padded -> generate.generate_text (prefill, then one token per step) -> text
+image: prompt strings for the cond and the negative prompt -> ids -> generate.generate_image_tokens
+       (CFG over 2B rows, grid rule, keyed sampling; sequential or --parallel N) -> codes -> VQ decode -> PNG
+Any checkpoint directory works: ours (checkpoint.py), or a released one converted in memory (convert.py).
 """
 import argparse
+import os
+import random
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from PIL import Image
 
-# ---- prompts ----
+import checkpoint
+import configs
+import convert
+import generate
+import prompts
+from vqvae import ImageConfig, postprocess, preprocess
 
-SYSTEM = "You are a helpful assistant."
-BOS, BOI, IMG, EOI = "<|extra_203|>", "<|image start|>", "<|image token|>", "<|image end|>"
-EOL, EOF = "<|extra_200|>", "<|extra_201|>"
+MAX_SEED = 2**63  # seeds are 0 .. 2^63 - 1
 
-
-def visual_token(k):
-    return f"<|visual token {k:06d}|>"
-
-
-def image_prompt(codes):
-    """codes (h, w) -> the image block string, as the original processor writes it."""
-    h, w = codes.shape
-    rows = ("".join(visual_token(k) for k in row) for row in codes.tolist())
-    # every row, the last included, ends with EOL; then end of frame and end of image
-    return f"{BOI}{h}*{w}{IMG}" + EOL.join(rows) + EOL + EOF + EOI
-
-
-def chat_prompt(question, codes=None):
-    """The original chat template; it always puts the image first and appends '.' to the question."""
-    image = "" if codes is None else image_prompt(codes)
-    return f"{BOS}{SYSTEM} USER: {image}{question}. ASSISTANT:"
-
-
-# ---- sampling: small pure functions on last-position logits (B, V) ----
-
-def top_k_filter(logits, k):
-    # keep scores >= the k-th largest (ties at the threshold kept, as transformers' TopKLogitsWarper)
-    kth = logits.topk(min(k, logits.shape[-1]), dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits, p):
-    # keep the smallest set of top tokens whose probability reaches p (the most likely one always stays)
-    sorted_logits, idx = logits.sort(dim=-1, descending=True)
-    cum = sorted_logits.softmax(-1).cumsum(-1)
-    drop = cum - sorted_logits.softmax(-1) >= p  # mass before this token already reaches p
-    return logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-
-
-def next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """logits (B, V) fp32 -> (B,) ids. temperature 0 = greedy; else temperature, top-k, top-p, then sample."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None and top_p < 1:
-        logits = top_p_filter(logits, top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-
-
-# ---- decoding loop ----
-
-def cache_len(n, size, bucket=256):
-    """Cache columns a step reads when n are filled: n rounded up to a bucket, at most the cache's size.
-
-    Attention then reads about n columns instead of all `size` (for a 720x720 image, half the cache on average);
-    rounding keeps the shapes few, since a compiled step is specialised (a CUDA graph recorded) per shape.
-    """
-    return min(size, -(-n // bucket) * bucket)
-
-
-@torch.no_grad()
-def generate(model, prompts, max_new_tokens, eos_id, pad_id, pick=lambda logits: logits.argmax(-1), on_token=None):
-    """prompts: B lists of ids -> B lists of new ids (EOS excluded). on_token(b, id) is called as ids arrive."""
-    B, L = len(prompts), max(map(len, prompts))
-    dev = model.embed.weight.device
-    pad = torch.tensor([L - len(p) for p in prompts], device=dev)  # (B,) left padding per row
-    tokens = torch.tensor([[pad_id] * (L - len(p)) + p for p in prompts], device=dev)  # (B, L)
-    size = L + max_new_tokens
-    model.setup_cache(B, size)
-    logits = model(tokens, input_pos=torch.arange(L, device=dev), pad=pad, last_only=True,
-                   kv_len=cache_len(L, size))[:, -1]  # (B, V)
-    out, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool, device=dev)
-    for i in range(max_new_tokens):
-        tok = torch.where(done, pad_id, pick(logits))  # (B,): finished rows keep feeding pad
-        for b in (~done & (tok != eos_id)).nonzero()[:, 0].tolist():
-            out[b].append(tok[b].item())
-            if on_token:
-                on_token(b, out[b][-1])
-        done |= tok == eos_id
-        if done.all() or i == max_new_tokens - 1:
-            break
-        # one token per row at cache column L + i
-        logits = model(tok[:, None], input_pos=torch.tensor([L + i], device=dev), pad=pad,
-                       kv_len=cache_len(L + i + 1, size))[:, -1]
-    return out
-
-
-class TextStream:
-    """Decode a growing id list incrementally; hold back text while it ends inside a multi-byte character."""
-
-    def __init__(self, tokenizer):
-        self.tok, self.ids, self.text = tokenizer, [], ""
-
-    def push(self, i):
-        self.ids.append(i)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # maybe a character cut between tokens: wait for the next token
-            return ""
-        new, self.text = text[len(self.text):], text
-        return new
-
-    def flush(self):
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        new, self.text = text[len(self.text):], text
-        return new
-
-
-# ---- chat ----
 
 def log(*args):
     print(*args, file=sys.stderr, flush=True)
 
 
-def load(ckpt, device, dtype, with_vq):
-    from convert import load_emu3, load_tokenizer, load_vqvae, parse_device
-    device = parse_device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested but CUDA is not available")
-    model, cfg = load_emu3(ckpt, device, dtype)
-    vq = load_vqvae(ckpt, device) if with_vq else None
-    return model, cfg, vq, load_tokenizer(ckpt)
+# ---- loading ----
+
+@dataclass
+class Loaded:
+    """A checkpoint ready to run: decoder (None for recon), its config, VQ-VAE, tokenizer, input-image settings."""
+    model: object
+    cfg: object
+    vq: object
+    tokenizer: object
+    image: ImageConfig
+    training: dict = None  # what a toy was trained on, if the config records it
 
 
-def chat(ckpt, prompt, image, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, min_pixels, max_pixels):
-    from vqvae import open_image, preprocess
+def settings(ckpt, decoder=True):
+    """What a checkpoint directory says, read before any weight: (format module, Emu3Config (None without a
+    decoder, or when decoder=False), ImageConfig, whether it holds a VQ-VAE, training record). The same message for
+    a missing folder from every command."""
+    checkpoint.checkpoint_dir(ckpt)
+    if checkpoint.is_ours(ckpt):
+        conf = checkpoint.read_config(ckpt)
+        return checkpoint, conf.get("emu3"), conf["image"], "vqvae" in conf, conf.get("training")
+    cfg, image_cfg, has_vq = configs.check_release(ckpt, decoder)
+    return convert, cfg, image_cfg, has_vq, None
+
+
+def load(ckpt, device=None, dtype="bfloat16", vq=True, decoder=True):
+    """Any checkpoint directory -> Loaded. device None: cuda when there is one, else cpu. The VQ-VAE stays fp32."""
+    device = checkpoint.parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    source, cfg, image_cfg, has_vq, training = settings(ckpt, decoder)
+    if vq and not has_vq:
+        raise ValueError(f"{ckpt} has no VQ-VAE (vision tokenizer): convert it with `convert.py --vq VQ_DIR`")
+    model = source.load_emu3(ckpt, device, dtype)[0] if decoder else None
+    tokenizer = source.load_tokenizer(ckpt) if decoder else None
+    return Loaded(model, cfg, source.load_vqvae(ckpt, device) if vq else None, tokenizer, image_cfg, training)
+
+
+def vq_precision():
+    """The VQ-VAE runs in full fp32 on every device, as the tests run it: no TF32 in its convolutions (cuDNN allows
+    it by default; BAAI's scripts ran with it), which would move codes at near-ties."""
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                       allow_tf32=False)
+
+
+def open_image(path):
+    try:
+        image = Image.open(path)
+        image.load()  # decode now, so a truncated file fails here
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no image file {path}") from None
+    except Exception as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+    return image
+
+
+@torch.no_grad()
+def encode_images(m, pictures, min_pixels=None, max_pixels=None):
+    """PIL images -> code grids (h, w), one image at a time, like the original processor (padding_image=False)."""
+    lo, hi = min_pixels or m.image.min_pixels, max_pixels or m.image.max_pixels
+    dev = m.vq.quant_conv.conv.weight.device
+    with vq_precision():
+        return [m.vq.encode(preprocess(p, lo, hi, m.vq.spatial_factor, m.image.transparency)[None].to(dev))[0].cpu()
+                for p in pictures]
+
+
+# ---- chat ----
+
+def check_sampling(temperature, top_k, top_p, seed):
     if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
         raise ValueError("need --temperature >= 0, --top-k >= 1, 0 < --top-p <= 1")
+    if seed is not None and not 0 <= seed < MAX_SEED:
+        raise ValueError(f"--seed must lie in [0, 2^63), got {seed}")
+
+
+@torch.no_grad()
+def chat(m, questions=(), pictures=(), *, raw=False, messages=None, system=prompts.SYSTEM, max_new_tokens=1024,
+         temperature=0.0, top_k=None, top_p=None, seed=0, min_pixels=None, max_pixels=None, compile_step=False,
+         on_tokens=None):
+    """Answers (strings) to B prompts with their images (PIL). Three forms:
+    default   the original template, one image before each question (or one question for all images, or text only)
+    raw       each prompt used verbatim, "<image>" replaced by the next image's block (transformers' processor)
+    messages  a list of conversations in transformers' format (image parts hold "image": PIL or "path")."""
+    check_sampling(temperature, top_k, top_p, seed)
+    messages = [prompts.check_messages(c) for c in messages] if messages else None
+    prompts.images_needed(list(questions), len(pictures), raw, messages)  # counts checked before any image is read
+    if messages:
+        pictures = [p.get("image") or open_image(p["path"]) for c in messages for msg in c for p in msg["content"]
+                    if p["type"] == "image"]
+    codes = encode_images(m, pictures, min_pixels, max_pixels) if pictures else []
+    texts = prompts.chat_texts(list(questions), codes, raw, messages, system)
+    ids = [prompts.encode(m.tokenizer, t) for t in texts]
+    longest = max(map(len, ids))
+    if longest >= m.cfg.max_seq_len:
+        raise ValueError(f"prompt is {longest} tokens; the model has {m.cfg.max_seq_len} positions")
+    if longest + max_new_tokens > m.cfg.max_seq_len:
+        max_new_tokens = m.cfg.max_seq_len - longest
+        log(f"max-new-tokens cut to {max_new_tokens} to fit {m.cfg.max_seq_len} positions")
+    dev = m.model.embed.weight.device
+    seeds = (seed or 0) + torch.arange(len(ids), device=dev)  # row b samples with seed + b
+    pick = lambda logits, position: generate.pick_text(logits, temperature, top_k, top_p, seeds, position)
+    out = generate.generate_text(m.model, ids, max_new_tokens, m.cfg.eos_id, m.cfg.pad_id, pick, on_tokens,
+                                 compile_step)
+    return [m.tokenizer.decode(o, skip_special_tokens=True) for o in out]
+
+
+def run_chat(ckpt, prompt, image, raw, messages, system, max_new_tokens, temperature, top_k, top_p, seed, device,
+             dtype, min_pixels, max_pixels, threads, compile_step):
+    """`python sample.py chat`: every input is read and checked before the model loads."""
+    set_threads(threads)
+    check_sampling(temperature, top_k, top_p, seed)
     if max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")
-    prompts, images = prompt, image or []
-    # pair questions and images: equal counts, or one of either shared by all
-    if images and len(prompts) != len(images) and 1 not in (len(prompts), len(images)):
-        raise ValueError(f"got {len(prompts)} prompts and {len(images)} images: give equal numbers, or one of either")
-    n = max(len(prompts), len(images))
-    prompts = prompts * n if len(prompts) == 1 else prompts
-    pictures = [open_image(p) for p in images]  # read every file before loading the model
-    pictures = pictures * n if len(pictures) == 1 else pictures
-
+    check_pixels(min_pixels, max_pixels)
+    if messages and (prompt or raw):
+        raise ValueError("--messages takes the whole conversation: give it without --prompt and --raw")
+    if not messages and not prompt:
+        raise ValueError("give --prompt (or --messages)")
+    convs = [read_messages(f) for f in messages or []]
+    need = prompts.images_needed(prompt or [], len(image or []), raw, convs)
+    pictures = [open_image(p) for p in image or []]  # read every file before loading the model
+    checkpoint.parse_device(device)
+    if temperature > 0 and seed is None:
+        seed = random.randrange(MAX_SEED)
+    if temperature > 0:
+        log(f"seed {seed}")
     t0 = time.perf_counter()
-    model, cfg, vq, tok = load(ckpt, device, dtype, with_vq=bool(pictures))
+    m = load(ckpt, device, dtype, vq=any(need))
     log(f"loaded {ckpt} in {time.perf_counter() - t0:.1f}s")
-    codes = [None] * n
-    if pictures:
-        t0 = time.perf_counter()
-        dev = next(vq.parameters()).device
-        with torch.no_grad():  # one image at a time, like the original processor (padding_image=False)
-            codes = [vq.encode(preprocess(im, min_pixels, max_pixels, vq.spatial_factor)[None].to(dev))[0].cpu()
-                     for im in pictures]  # each (h, w)
-        log(f"image grids {[tuple(c.shape) for c in codes]} in {time.perf_counter() - t0:.1f}s")
-    # the whole prompt as one string, specials included, tokenized like the original (NFC, specials matched)
-    ids = [tok.encode(chat_prompt(q, c), add_special_tokens=False).ids for q, c in zip(prompts, codes)]
-    longest = max(map(len, ids))
-    if longest >= cfg.max_seq_len:
-        raise ValueError(f"prompt is {longest} tokens; the model has {cfg.max_seq_len} positions")
-    if longest + max_new_tokens > cfg.max_seq_len:
-        max_new_tokens = cfg.max_seq_len - longest
-        log(f"max-new-tokens cut to {max_new_tokens} to fit {cfg.max_seq_len} positions")
+    n = len(need)
+    streams = [generate.TextStream(m.tokenizer) for _ in range(n)]
 
-    gen = torch.Generator(model.embed.weight.device).manual_seed(seed) if seed is not None else None
-    pick = lambda logits: next_token(logits, temperature, top_k, top_p, gen)
-    streams = [TextStream(tok) for _ in range(n)]
-
-    first = []  # time of the first new token = end of prefill
-
-    def on_token(b, i):
-        first.append(first[0] if first else time.perf_counter())
-        text = streams[b].push(i)
+    def on_tokens(b, ids):
+        text = streams[b].push(ids)
         if n == 1 and text:  # a single answer streams; a batch prints its answers at the end, in order
             print(text, end="", flush=True)
 
     t0 = time.perf_counter()
-    out = generate(model, ids, max_new_tokens, cfg.eos_id, cfg.pad_id, pick, on_token)
-    t1 = time.perf_counter()
+    chat(m, prompt or [], pictures, raw=raw, messages=convs, system=system, max_new_tokens=max_new_tokens,
+         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, min_pixels=min_pixels, max_pixels=max_pixels,
+         compile_step=compile_step, on_tokens=on_tokens)
     for s in streams:
-        text = s.flush()
-        print(s.text if n > 1 else text, flush=True)
-    steps = max(map(len, out))
-    if steps:
-        log(f"prompt {longest} tokens x {n}: prefill {first[0] - t0:.2f}s, {steps} steps in {t1 - first[0]:.2f}s "
-            f"({(steps - 1) / max(t1 - first[0], 1e-9):.1f} steps/s after the first)")
+        tail = s.flush()
+        print(s.text if n > 1 else tail, flush=True)
+    steps = max(len(s.ids) for s in streams)
+    log(f"{n} answer(s), {steps} tokens at most, in {time.perf_counter() - t0:.2f}s")
 
 
-# ---- image generation ----
-# Text -> image, the official Emu3-Gen recipe (reference §6.2, §6.3, §7):
-#   cond   = bos + text + POSITIVE_PROMPT + boi + "h*w" + img      (h, w: token grid from --ratio W:H and --area)
-#   uncond = bos + NEGATIVE_PROMPT      + boi + "h*w" + img      (the official negative prompt keeps the image prefix)
-#   ONE left-padded batch of 2B rows (B cond, then B uncond; emu3's `pad` gives each row its own positions)
-#   -> prefill once -> h*(w+1)+3 steps: logits (2B,V') over the grid window (the ids the grid rule can allow)
-#      -> CFG in log-softmax space (B,V') -> grid mask -> top-k
-#      -> sample (B,) -> fed to both halves. The grid mask forces an EOL after each row of w visual tokens and
-#      EOF, EOI, EOS at the end, so every image has exactly the layout of reference §4.3.
-#   tokens (B, h*(w+1)+3) -> drop EOL column and tail -> codes (B,h,w) -> VQVAE.decode (fp32) -> (B,3,8h,8w) -> PNG
-#
-#     python sample.py image --ckpt DIR --prompt "a red fox in the snow" --ratio 16:9 --seed 0 --out fox.png
-POSITIVE_PROMPT = " masterpiece, film grained, best quality."  # leading space on purpose (official scripts)
-NEGATIVE_PROMPT = (
-    "lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, worst "
-    "quality, low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry."
-)
+def read_messages(path):
+    """A conversation file (JSON, transformers' format); image paths are relative to the file's folder."""
+    conv = prompts.check_messages(checkpoint.read_json(path), path)
+    for msg in conv:
+        for part in msg["content"]:
+            if part["type"] == "image":
+                if not isinstance(part.get("path"), str):
+                    raise ValueError(f"{path}: an image part needs a \"path\"")
+                part["image"] = open_image(os.path.join(os.path.dirname(os.path.abspath(path)), part["path"]))
+    return conv
 
 
-def generate_size(ratio, image_area, factor=8):
-    """"W:H" and a target pixel area -> token grid (h, w), as the processors' calculate_generate_size."""
-    width, sep, height = ratio.strip().partition(":")
-    if not (sep and width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
-        raise ValueError(f"ratio must be W:H with positive integers (e.g. 16:9), got {ratio!r}")
-    if image_area <= 0:
-        raise ValueError(f"image area must be positive, got {image_area}")
-    width, height = int(width), int(height)
-    t = (image_area / (width * height)) ** 0.5
-    h, w = int(round(height * t / factor)), int(round(width * t / factor))  # Python round: half to even
-    if h < 1 or w < 1:
-        raise ValueError(f"image area {image_area} is too small for ratio {ratio}: the token grid would be {h}x{w}")
-    return h, w
-
-
-def gen_prompt_ids(tok, text, h, w, cfg):
-    """bos + text + boi + "h*w" + img as ids (the caller appends POSITIVE_PROMPT to cond texts)."""
-    # encoded piecewise: the same ids as encoding the joined string, since special tokens split the text anyway
-    text_ids = tok.encode(text, add_special_tokens=False).ids
-    size_ids = tok.encode(f"{h}*{w}", add_special_tokens=False).ids
-    return [cfg.bos_id] + text_ids + [cfg.boi_id] + size_ids + [cfg.img_id]
-
-
-def cfg_scores(cond_logits, uncond_logits, scale):
-    """Classifier-free guidance in log-softmax space, fp32 (B,V): scale * (log p_c - log p_u) + log p_u."""
-    c = torch.log_softmax(cond_logits.float(), dim=-1)
-    u = torch.log_softmax(uncond_logits.float(), dim=-1)
-    return scale * (c - u) + u
-
-
-def grid_window(cfg):
-    """slice(lo, hi): the contiguous ids holding every token the grid rule allows up to EOS (visual tokens, EOL,
-    EOF, EOI, EOS; 151846..184621 for the released vocabulary, 32776 of 184622 ids).
-
-    Logits outside it are masked to -inf anyway, and log_softmax over the window differs from log_softmax over the
-    whole vocabulary by one constant per row, which CFG, top-k, argmax and softmax sampling all ignore: the tokens
-    and their probabilities are the reference's, and lm_head does 5.6x less work.
-    """
-    ids = (cfg.eol_id, cfg.eof_id, cfg.eoi_id, cfg.eos_id, cfg.visual_offset, cfg.visual_offset + cfg.codebook_size - 1)
-    return slice(min(ids), max(ids) + 1)
-
-
-def grid_mask(off, h, w, cfg, vocab_size, first=0):
-    """Additive mask (..., V) over ids first..first+V-1: 0 where the image grid allows a token, -inf elsewhere.
-
-    off (...) long tensor: offset of the token being generated from <|image token|> (1 = first grid token).
-    Emu3's prefix_allowed_tokens_fn (reference §7.3): EOL whenever off % (w+1) == 0, checked first; then EOF, EOI,
-    EOS at n+1, n+2, n+3 (n = h*(w+1)); PAD after that; otherwise any of the visual tokens. One deliberate
-    difference: the EOL rule stops at the grid's end (off <= n). The reference's unbounded rule also fires at EOI's
-    slot when w == 1 and at EOS's when w == 2, so those grids never end; for w >= 3 both rules are the same up to EOS.
-    """
-    n = h * (w + 1)
-    ids = torch.arange(first, first + vocab_size, device=off.device)  # (V,)
-    single = torch.full_like(off, cfg.pad_id)  # the one allowed token where it is not a visual position
-    for at, tok in ((n + 3, cfg.eos_id), (n + 2, cfg.eoi_id), (n + 1, cfg.eof_id)):
-        single = torch.where(off == at, tok, single)
-    row_end = (off % (w + 1) == 0) & (off <= n)
-    single = torch.where(row_end, cfg.eol_id, single)  # (...)
-    visual = (ids >= cfg.visual_offset) & (ids < cfg.visual_offset + cfg.codebook_size)  # (V,)
-    allowed = torch.where((~row_end & (off < n))[..., None], visual, ids == single[..., None])  # (..., V)
-    return torch.zeros(allowed.shape, device=off.device).masked_fill(~allowed, float("-inf"))
-
-
-def constrain(scores, mask):
-    """scores (B,V) + grid mask (V,) -> scores whose finite (or max-float) entries are all allowed tokens.
-
-    Only -inf/inf logits make NaN in CFG (-inf - -inf); they count as -inf. Where no allowed token is left with a
-    score, all allowed tokens get 0, the fallback of transformers' PrefixConstrainedLogitsProcessor.
-    """
-    scores = scores.nan_to_num(nan=float("-inf"), posinf=torch.finfo(scores.dtype).max) + mask
-    return torch.where(scores.amax(-1, keepdim=True) == float("-inf"), mask, scores)
-
-
-def sample_token(scores, greedy, generator=None):
-    """scores (B,V), already guided, masked and top-k filtered -> token ids (B,); argmax when greedy.
-
-    Sampling is softmax + multinomial, written out as torch.multinomial's own one-sample path (argmax of p / Exp(1)
-    noise): the same draws from the same generator, minus multinomial's host-synchronising validity check.
-    """
-    if greedy:
-        return scores.argmax(dim=-1)
-    probs = torch.softmax(scores, dim=-1)
-    noise = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / noise).argmax(dim=-1)
-
-
-def image_scores(model, tokens, input_pos, pad, off, h, w, guidance, top_k, temperature, kv_len=None):
-    """One step up to sampling: tokens (2B,T) -> scores (B,V') over grid_window ids for the next token.
-    Device-only, no Python state:
-    this is the function --compile compiles (static shapes in decode: tokens (2B,1), input_pos (1,), off ();
-    kv_len, the cache columns attention reads, takes one value per cache_len bucket).
-
-    Order as transformers' generate: CFG -> grid mask -> temperature -> top-k (the mask adds only 0 or -inf, so
-    dividing by the temperature before it is the same thing).
-    """
-    window = grid_window(model.cfg)
-    logits = model(tokens, input_pos=input_pos, pad=pad, last_only=True, vocab=window, kv_len=kv_len)[:, -1]
-    # logits (2B, V') fp32
-    B = logits.shape[0] // 2
-    scores = cfg_scores(logits[:B], logits[B:], guidance) / temperature  # (B, V'): cond rows first, then uncond
-    scores = constrain(scores, grid_mask(off, h, w, model.cfg, scores.shape[-1], first=window.start))
-    return scores if top_k == 1 else top_k_filter(scores, top_k)  # greedy: argmax needs no top-k
-
+# ---- images ----
 
 @torch.no_grad()
-def generate_image_tokens(model, cond_ids, neg_ids, h, w, guidance=3.0, top_k=2048, temperature=1.0,
-                          generator=None, compile=False, progress=None):
-    """B prompts and B negative prompts (id lists ending in <|image token|>) -> tokens (B, h*(w+1)+3), on device.
-
-    cond and uncond rows run as ONE batch of 2B rows with one static KV cache; every step both halves are fed
-    the token sampled from the guided scores (reference §7.2). The loop never reads a value back to the host.
-    """
-    cfg, dev = model.cfg, model.embed.weight.device
-    rows = list(cond_ids) + list(neg_ids)
-    B, L, n_new = len(cond_ids), max(map(len, rows)), h * (w + 1) + 3
-    if L + n_new > cfg.max_seq_len:
-        raise ValueError(f"a {h}x{w} token image needs {n_new} tokens after the {L}-token prompt, more than the "
-                         f"model's {cfg.max_seq_len} positions: use a smaller --area")
-    tokens = torch.tensor([[cfg.pad_id] * (L - len(r)) + r for r in rows], device=dev)  # (2B, L) left padded
-    pad = torch.tensor([L - len(r) for r in rows], device=dev)  # (2B,)
-    model.setup_cache(2 * B, L + n_new)
-    step = torch.compile(image_scores, mode="reduce-overhead", fullgraph=True) if compile else image_scores
-    args = (h, w, guidance, top_k, temperature)
-
-    # prefill the prompts eagerly (prompt-length shapes, run once); off = 1: the first grid token comes next
-    off = torch.ones((), dtype=torch.long, device=dev)
-    size = L + n_new
-    scores = image_scores(model, tokens, torch.arange(L, device=dev), pad, off, *args, kv_len=cache_len(L, size))
-    out = torch.empty(B, n_new, dtype=torch.long, device=dev)
-    first = grid_window(cfg).start  # scores index the grid window: index + first = token id
-    t0 = time.perf_counter()
-    for i in range(n_new):
-        nxt = sample_token(scores, top_k == 1, generator) + first  # (B,)
-        out[:, i] = nxt
-        if i + 1 == n_new:  # the grid mask made this EOS: done
-            break
-        # both halves get the conditionally sampled token, in cache column L+i; the token after it has offset i+2
-        input_pos, off = torch.full((1,), L + i, device=dev), off + 1
-        scores = step(model, nxt.repeat(2)[:, None], input_pos, pad, off, *args, kv_len=cache_len(L + i + 1, size))
-        if progress is not None and (i + 1) % (w + 1) == 0:  # a row done (host-side count: no sync)
-            progress((i + 1) // (w + 1), h, B * (i + 1), time.perf_counter() - t0)
-    return out
+def images(m, texts, ratios=("1:1",), *, negative_prompt=prompts.NEGATIVE_PROMPT, area=None, guidance=3.0,
+           top_k=2048, temperature=1.0, seed=0, parallel=0, compile_step=False, progress=None):
+    """Text prompts -> (PIL images, decoder forward passes). ratios: one "W:H" for all, or one per prompt; image
+    b is drawn with seed + b (so it equals generating it alone with that seed)."""
+    check_image_args(texts, ratios, area, guidance, top_k, temperature, seed, parallel)
+    ratios = list(ratios) * len(texts) if len(ratios) == 1 else list(ratios)
+    grids = [prompts.generate_size(r, m.cfg.image_area if area is None else area) for r in ratios]
+    cond = [prompts.encode(m.tokenizer, prompts.gen_prompt(t + prompts.POSITIVE_PROMPT, h, w))
+            for t, (h, w) in zip(texts, grids)]
+    neg = [prompts.encode(m.tokenizer, prompts.gen_prompt(negative_prompt, h, w)) for h, w in grids]
+    tokens, passes = generate.generate_image_tokens(m.model, cond, neg, grids, guidance, top_k, temperature, seed,
+                                                    compile_step, parallel, progress)
+    pictures = []
+    with vq_precision():
+        for row, (h, w) in zip(tokens, grids):  # one image at a time: the full-size VQ decoder is memory hungry
+            codes = generate.tokens_to_codes(row[None], h, w, m.cfg).to(m.vq.quant_conv.conv.weight.device)
+            pictures.append(postprocess(m.vq.decode(codes)[0]))
+    return pictures, passes
 
 
-def tokens_to_codes(tokens, h, w, cfg):
-    """(B, h*(w+1)+3) -> codes (B,h,w): drop EOF/EOI/EOS, view rows with their EOL, drop EOL, subtract the offset."""
-    return tokens[:, : h * (w + 1)].view(-1, h, w + 1)[:, :, :w] - cfg.visual_offset
-
-
-def image(ckpt, prompt, negative_prompt, ratio, area, guidance, top_k, temperature, batch, out, seed, device, dtype,
-          compile):
-    from pathlib import Path
-    from convert import emu3_config, read_config
-    from vqvae import postprocess
-    prompts = [p for p in prompt for _ in range(batch)]  # each prompt `batch` times
-    if any(not p.strip() for p in prompts) or batch < 1:
-        raise ValueError("empty prompt" if batch >= 1 else f"--batch must be >= 1, got {batch}")
+def check_image_args(texts, ratios, area, guidance, top_k, temperature, seed, parallel):
+    if not texts or any(not t.strip() for t in texts):
+        raise ValueError("empty prompt")
+    if len(ratios) not in (1, len(texts)):
+        raise ValueError(f"got {len(ratios)} ratios for {len(texts)} prompts: give one, or one per prompt")
+    if area is not None and area <= 0:
+        raise ValueError(f"--area must be positive, got {area}")
+    if guidance < 0:
+        raise ValueError(f"--cfg must be >= 0, got {guidance}")
     if top_k < 1 or temperature <= 0:
         raise ValueError(f"need --top-k >= 1 and --temperature > 0, got {top_k} and {temperature}")
-    # fail fast, before the slow load: a checkpoint with no VQ-VAE cannot draw the image; bad ratio or area
-    fmt, conf = read_config(ckpt)
-    if fmt == "original" or (fmt == "ours" and "vqvae" not in conf):
-        raise ValueError(f"{ckpt} has no VQ-VAE (vision tokenizer): convert it with `convert.py --vq VQ_DIR`")
-    cfg = emu3_config(ckpt)
-    h, w = generate_size(ratio, area or cfg.image_area)
-    if h * (w + 1) + 3 >= cfg.max_seq_len:  # the exact check, prompt included, comes after tokenizing
-        raise ValueError(f"a {h}x{w} token image needs {h * (w + 1) + 3} tokens, more than the model's "
-                         f"{cfg.max_seq_len} positions: use a smaller --area")
+    if not 0 <= seed < MAX_SEED:
+        raise ValueError(f"--seed must lie in [0, 2^63), got {seed}")
+    if parallel < 0:
+        raise ValueError(f"--parallel must be >= 0, got {parallel}")
 
-    t0 = time.perf_counter()
-    model, cfg, vq, tok = load(ckpt, device, dtype, with_vq=True)
-    log(f"loaded {ckpt} in {time.perf_counter() - t0:.1f}s; {len(prompts)} image(s) of {h}x{w} tokens "
-        f"({h * vq.spatial_factor}x{w * vq.spatial_factor} px), {h * (w + 1) + 3} steps")
-    cond = [gen_prompt_ids(tok, p + POSITIVE_PROMPT, h, w, cfg) for p in prompts]
-    neg = [gen_prompt_ids(tok, negative_prompt, h, w, cfg)] * len(prompts)
-    seed = torch.seed() % 2**63 if seed is None else seed
-    gen = torch.Generator(model.embed.weight.device).manual_seed(seed)
-    log(f"seed {seed}")
 
-    def progress(rows, h, n_tokens, dt):
-        left = dt / rows * (h - rows)
-        log(f"row {rows}/{h}  {n_tokens / dt:.1f} tokens/s  {left:.0f}s left")
-
-    t0 = time.perf_counter()
-    tokens = generate_image_tokens(model, cond, neg, h, w, guidance, top_k, temperature, gen, compile, progress)
-    codes = tokens_to_codes(tokens, h, w, cfg).to(vq.quant_conv.conv.weight.device)
-    log(f"{tokens.numel()} tokens in {time.perf_counter() - t0:.1f}s")
-    del model  # free the decoder before the VQ decode
+def image_paths(out, n):
+    """The PNG paths of n images, checked before anything runs: one image -> out, several -> stem_0.png, ..."""
     out = Path(out)
-    paths = [out] if len(prompts) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(prompts))]
-    with torch.no_grad():
-        for c, path in zip(codes, paths):  # one image at a time: the full-size VQ decoder is memory hungry
-            postprocess(vq.decode(c[None])[0]).save(path)
-            print(path, flush=True)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: give a file name such as {out / 'image.png'}")
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {out} has no image extension (.png, .jpg, ...)")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: no folder {out.parent}")
+    if not os.access(out.parent, os.W_OK):
+        raise PermissionError(f"--out {out}: cannot write in {out.parent}")
+    return [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
 
 
-def add_image_parser(sub, common):
-    p = sub.add_parser("image", parents=[common], help="generate an image from a text prompt")
-    p.add_argument("--prompt", action="append", required=True, help="what to draw; repeat for several images")
-    p.add_argument("--negative-prompt", default=NEGATIVE_PROMPT, help="unconditional prompt of CFG (official default)")
-    p.add_argument("--ratio", default="1:1", help="aspect ratio W:H")
-    p.add_argument("--area", type=int, default=None, help="target pixel area (default: the checkpoint's image_area, "
-                                                          "518400 = 720x720 for Emu3-Gen)")
-    p.add_argument("--cfg", dest="guidance", type=float, default=3.0, help="classifier-free guidance scale")
-    p.add_argument("--top-k", type=int, default=2048, help="sample among the k best tokens; 1 = greedy")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--batch", type=int, default=1, help="images per prompt")
-    p.add_argument("--out", default="image.png", help="output PNG; several images: stem_0.png, stem_1.png, ...")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU fast path)")
-    p.set_defaults(run=image)
+def save_image(picture, path):
+    """Write through a temporary file beside it and rename: never a half-written image at `path`."""
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    try:
+        picture.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run_image(ckpt, prompt, negative_prompt, ratio, area, guidance, top_k, temperature, batch, parallel, out, seed,
+              device, dtype, threads, compile_step):
+    """`python sample.py image`: arguments, output paths and the checkpoint's config are checked before it loads."""
+    set_threads(threads)
+    if batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {batch}")
+    texts = [p for p in prompt for _ in range(batch)]  # each prompt `batch` times
+    ratios = ratio or ["1:1"]
+    if len(ratios) not in (1, len(prompt)):
+        raise ValueError(f"got {len(ratios)} --ratio for {len(prompt)} --prompt: give one, or one per prompt")
+    ratios = [r for r in (ratios * len(prompt) if len(ratios) == 1 else ratios) for _ in range(batch)]
+    seed = random.randrange(MAX_SEED) if seed is None else seed
+    check_image_args(texts, ratios, area, guidance, top_k, temperature, seed, parallel)
+    paths = image_paths(out, len(texts))
+    checkpoint.parse_device(device)
+    _, cfg, _, has_vq, training = settings(ckpt)
+    if cfg is None or not has_vq:
+        raise ValueError(f"{ckpt} has no {'decoder' if cfg is None else 'VQ-VAE'}: image generation needs both "
+                         f"(convert an original release with `convert.py --vq VQ_DIR`)")
+    grids = [prompts.generate_size(r, cfg.image_area if area is None else area) for r in ratios]
+    for h, w in set(grids):
+        if h * (w + 1) + 3 >= cfg.max_seq_len:  # the exact check, prompt included, comes after tokenizing
+            raise ValueError(f"a {h}x{w} token image needs {h * (w + 1) + 3} tokens, more than the model's "
+                             f"{cfg.max_seq_len} positions: use a smaller --area")
+        log(f"grid {h} rows x {w} columns of tokens = {8 * w}x{8 * h} px (width x height), {h * (w + 1) + 3} tokens")
+        if training and training.get("image_grid") and [h, w] != training["image_grid"]:
+            gh, gw = training["image_grid"]
+            log(f"note: this checkpoint was trained on {gh}x{gw} grids ({8 * gw}x{8 * gh} px) only: "
+                f"{h}x{w} is outside what it learned")
+    log(f"seed {seed}")
+    t0 = time.perf_counter()
+    m = load(ckpt, device, dtype)
+    log(f"loaded {ckpt} in {time.perf_counter() - t0:.1f}s")
+    eta = {}
+
+    def progress(done, total, passes, dt):
+        first = eta.setdefault("first", (done, dt))  # rates from the first report on: compiling is not counted
+        rate = (done - first[0]) / max(dt - first[1], 1e-9)
+        left = f", {(total - done) / rate:.0f}s left" if done > first[0] else ""
+        log(f"token {done}/{total}, {passes} forward passes, {done / max(dt, 1e-9):.1f} tokens/s{left}")
+
+    t0 = time.perf_counter()
+    pictures, passes = images(m, texts, ratios, negative_prompt=negative_prompt, area=area, guidance=guidance,
+                              top_k=top_k, temperature=temperature, seed=seed, parallel=parallel,
+                              compile_step=compile_step, progress=progress)
+    n_tokens = sum(h * (w + 1) + 3 for h, w in grids)
+    log(f"{len(texts)} image(s), {n_tokens} tokens in {time.perf_counter() - t0:.1f}s, {passes} forward passes")
+    for picture, path in zip(pictures, paths):
+        save_image(picture, path)
+        print(path, flush=True)
+
+
+# ---- recon: an image or a video through the VQ-VAE and back ----
+
+@torch.no_grad()
+def run_recon(ckpt, image, frames, out, device, min_pixels, max_pixels, threads):
+    """`python sample.py recon`: tokenize an image (or a video's frames) and reconstruct it."""
+    set_threads(threads)
+    check_pixels(min_pixels, max_pixels)
+    if (image is None) == (not frames):
+        raise ValueError("give exactly one of --image or --frames")
+    if image is not None:
+        [out_path] = image_paths(out, 1)
+    elif Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} is a file: video frames go into a folder")
+    paths = [image] if image is not None else frames
+    if frames and Path(frames[0]).is_dir():
+        paths = sorted(p for p in Path(frames[0]).iterdir() if p.is_file())
+    pictures = [open_image(p) for p in paths]  # read the inputs first: a bad file fails before the model loads
+    for p, im in zip(paths, pictures):
+        if im.size != pictures[0].size:
+            raise ValueError(f"frame {p} is {im.width}x{im.height}, the first is {pictures[0].width}x{pictures[0].height}")
+    m = load(ckpt, device, decoder=False)
+    tf = m.vq.cfg.temporal_downsample_factor
+    if frames and len(pictures) % tf:
+        raise ValueError(f"got {len(pictures)} frames: need a positive multiple of {tf}")
+    lo, hi = min_pixels or m.image.min_pixels, max_pixels or m.image.max_pixels
+    x = torch.stack([preprocess(p, lo, hi, m.vq.spatial_factor, m.image.transparency) for p in pictures])
+    x = (x if image is not None else x[None]).to(m.vq.quant_conv.conv.weight.device)  # (1,3,H,W) or (1,T,3,H,W)
+    with vq_precision():
+        codes = m.vq.encode(x)
+        recon = m.vq.decode(codes)
+    grid = "x".join(map(str, codes.shape[1:]))
+    print(f"grid {grid} (frames x h x w)" if codes.ndim == 4 else f"grid {grid} (h x w)", f"tokens {codes.numel()}")
+    if image is not None:
+        save_image(postprocess(recon[0]), out_path)
+        print(f"wrote {out_path}")
+    else:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        for i, frame in enumerate(recon[0]):
+            save_image(postprocess(frame), Path(out) / f"frame_{i:04d}.png")
+        print(f"wrote {recon.shape[1]} frames to {out}/")
 
 
 # ---- command line ----
 
+def set_threads(threads):
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def check_pixels(min_pixels, max_pixels):
+    if (min_pixels is not None and min_pixels < 1) or (max_pixels is not None and max_pixels < 1):
+        raise ValueError("--min-pixels and --max-pixels must be positive")
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise ValueError(f"--min-pixels {min_pixels} is above --max-pixels {max_pixels}")
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except where there is none to show (required flags, None, off switches)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser():
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--ckpt", required=True, help="checkpoint dir written by convert.py")
-    common.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    common.add_argument("--ckpt", required=True, help="checkpoint dir: ours (convert.py) or a released one")
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    common.add_argument("--dtype", default="bfloat16", help="decoder dtype: bfloat16, float32 or float16 (VQ stays fp32)")
+    common.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: torch's, all cores; on a busy machine 1 can be much faster)")
+    decoder = argparse.ArgumentParser(add_help=False)
+    decoder.add_argument("--seed", type=int, default=None, help="sampling seed (default: a random one, printed)")
+    decoder.add_argument("--dtype", default="bfloat16", choices=list(checkpoint.DTYPES),
+                         help="decoder dtype (the VQ-VAE stays fp32)")
+    decoder.add_argument("--compile", dest="compile_step", action="store_true",
+                         help="torch.compile the decode step (the GPU fast path)")
+    pixels = argparse.ArgumentParser(add_help=False)
+    pixels.add_argument("--min-pixels", type=int, default=None,
+                        help="input images are resized to at least this area (default: the checkpoint's, 512*512)")
+    pixels.add_argument("--max-pixels", type=int, default=None, help="... and at most this area (default: 1024*1024)")
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("chat", parents=[common], help="answer a question about an image (or plain text)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--prompt", action="append", required=True, help="question; repeat for a batch")
-    p.add_argument("--image", action="append", default=None, help="image file; repeat for a batch (pairs with --prompt)")
+    p = sub.add_parser("chat", parents=[common, decoder, pixels], formatter_class=Help,
+                       help="answer a question about images (or plain text)")
+    p.add_argument("--prompt", action="append", help="question; repeat for a batch")
+    p.add_argument("--image", action="append", help="image file; repeat (pairs with --prompt, or fills <image>s)")
+    p.add_argument("--raw", action="store_true", help="use each prompt verbatim: no template, <image> marks images")
+    p.add_argument("--messages", action="append", help="a conversation as JSON, transformers' format; repeat for "
+                                                        "a batch")
+    p.add_argument("--system", default=prompts.SYSTEM, help="the system sentence of the default template")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="answer length limit")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the reference default)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
-    p.add_argument("--min-pixels", type=int, default=512 * 512, help="input images are resized to at least this area")
-    p.add_argument("--max-pixels", type=int, default=1024 * 1024, help="... and at most this area")
-    p.set_defaults(run=chat)
-    add_image_parser(sub, common)
+    p.set_defaults(run=run_chat)
+
+    p = sub.add_parser("image", parents=[common, decoder], formatter_class=Help, help="generate images from text")
+    p.add_argument("--prompt", action="append", required=True, help="what to draw; repeat for several images")
+    p.add_argument("--negative-prompt", default=prompts.NEGATIVE_PROMPT, help="CFG's unconditional prompt")
+    p.add_argument("--ratio", action="append", help="aspect ratio W:H; once for all prompts, or once per --prompt "
+                                                    "(default: 1:1)")
+    p.add_argument("--area", type=int, default=None,
+                   help="target pixel area (default: the checkpoint's, 518400 = 720x720 for Emu3-Gen)")
+    p.add_argument("--cfg", dest="guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--top-k", type=int, default=2048, help="sample among the k best tokens; 1 = greedy")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--batch", type=int, default=1, help="images per prompt")
+    p.add_argument("--parallel", type=int, default=0,
+                   help="decode N tokens per forward pass by Jacobi iteration (the same image, fewer passes)")
+    p.add_argument("--out", default="image.png", help="output image; several: stem_0.png, stem_1.png, ...")
+    p.set_defaults(run=run_image)
+
+    p = sub.add_parser("recon", parents=[common, pixels], formatter_class=Help,
+                       help="tokenize an image or a video with the VQ-VAE and reconstruct it")
+    p.add_argument("--image", default=None, help="input image file")
+    p.add_argument("--frames", nargs="+", default=None, help="video: frame files (a multiple of 4) or a folder")
+    p.add_argument("--out", default="recon.png", help="output image, or folder of frames for a video")
+    p.set_defaults(run=run_recon)
     return ap
 
 
-if __name__ == "__main__":
-    args = vars(parser().parse_args())
+def main(argv=None):
+    args = vars(parser().parse_args(argv))
     run = args.pop("run")
     args.pop("command")
     try:
         run(**args)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

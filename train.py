@@ -1,12 +1,13 @@
 """Train a toy Emu3 on CPU: a synthetic shapes world, a small VQ-VAE and a small decoder, in our checkpoint format.
 
-Everything here goes through the real code: `vqvae.VQVAE`, `emu3.Emu3`, `convert.build_tokenizer` and sample.py's
-prompt builders (reference §4.3, §6), so `python sample.py image|chat --ckpt toy/ckpt ...` runs the toy exactly as
-it runs the released checkpoints; only config.json (sizes, special-token ids) and tokenizer.json differ.
+Everything here goes through the real code: `vqvae.VQVAE` (its encode_latents / quantize_latents / decode_latents
+steps), `emu3.Emu3`, `tokenizer.build_tokenizer`, prompts.py's prompt builders (reference §4.3, §6) and
+`checkpoint.save`, so `python sample.py image|chat --ckpt toy/ckpt ...` runs the toy exactly as it runs the released
+checkpoints; only config.json (sizes, special-token ids) and tokenizer.json differ.
 
     draw(scene) -> PIL 48x48 --vqvae.preprocess--> x (B,3,48,48) in [-1,1]
-      VQ stage:  x -> encoder (2-D, then temporal on 4 equal frames) -> quant_conv -> z (B,4,1,6,6)
-                   -> nearest code e, straight-through z + sg(e - z) -> decoder (frame 0) -> x' (B,3,48,48)
+      VQ stage:  x -> VQVAE.encode_latents -> z (B,4,1,6,6) -> nearest code e (quantize_latents),
+                   straight-through z + sg(e - z) -> VQVAE.decode_latents (frame 0) -> x' (B,3,48,48)
                  loss = L1 + L2 (shape pixels x5) + |sg(z) - e|^2 + 0.25 |z - sg(e)|^2; a plain autoencoder
                  warm-up, then k-means codebook init and dead-code restarts
       LM stage:  VQVAE.encode -> codes (6,6) -> ids; next-token cross-entropy on the answer part only, averaged
@@ -14,19 +15,18 @@ it runs the released checkpoints; only config.json (sizes, special-token ids) an
         gen:  bos caption+POSITIVE <|image start|> 6*6 <|image token|> [6 visual, eol] x 6 eof eoi eos
               (loss on the image block; some captions are the negative prompt or empty: the CFG branch)
         chat: bos "You are a helpful assistant. USER: " <image block> question ". ASSISTANT:" " answer" eos
-    -> DIR/{config.json, model-00001-of-00001.safetensors, vqvae.safetensors, tokenizer.json}
+    -> checkpoint.save -> DIR/{config.json, model-00001-of-00001.safetensors, vqvae.safetensors, tokenizer.json}
 
 The toy has its own tiny byte-level BPE (ranks learnt here from the toy's text, written as a tiktoken file) built by
 `convert.build_tokenizer`, so its specials and visual tokens keep the real layout at smaller ids
 (pad = n_ranks, bos = n_ranks + 206, visual token k = n_ranks + 211 + k); Emu3Config carries those ids.
 
-    python train.py                      # train VQ, then the decoder, into toy/ckpt (re-run to resume)
-    python train.py --eval               # score it through sample.py; writes toy/samples.png (or --samples PATH)
+    python train.py                      # train VQ, then the decoder, into a new folder toy/trained (re-run to resume)
+    python train.py --eval --out toy/ckpt --samples grid.png   # score a checkpoint through sample.py, draw a grid
+The shipped toy/ckpt is never written unless named with --out and --overwrite.
 """
 import argparse
-import contextlib
-import io
-import json
+import base64
 import math
 import os
 import random
@@ -34,12 +34,21 @@ import re
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
-from safetensors.torch import save_file
+from PIL import Image, ImageDraw, ImageFont
+from tokenizers import Regex, pre_tokenizers
+
+import checkpoint
+import prompts
+import sample
+from emu3 import Emu3, Emu3Config
+from prompts import NEGATIVE_PROMPT, POSITIVE_PROMPT, SYSTEM
+from tokenizer import QWEN_PAT, build_tokenizer
+from vqvae import VQVAE, ImageConfig, VQConfig, postprocess, preprocess
 
 # ---- synthetic data: one coloured shape on a light background ----
 
@@ -127,9 +136,8 @@ def answer(question, scene):
 # ---- tokenizer: a tiny byte-level BPE learnt on the toy's own text, then the real build_tokenizer ----
 
 def corpus():
-    # sample.py's fixed texts are part of the toy's world: it appends the positive prompt to every caption and
-    # uses the negative prompt as CFG's unconditional text by default
-    from sample import NEGATIVE_PROMPT, POSITIVE_PROMPT, SYSTEM
+    # the fixed prompt texts are part of the toy's world: image generation appends the positive prompt to every
+    # caption and uses the negative prompt as CFG's unconditional text by default
     texts = [caption(s) for s in ALL_SCENES] + [caption(s) + POSITIVE_PROMPT for s in ALL_SCENES]
     texts += [f"{SYSTEM} USER: {q}. ASSISTANT: {answer(q, s)}" for q in QUESTIONS for s in ALL_SCENES]
     return texts + [NEGATIVE_PROMPT] * 20 + ["0123456789*"]  # repeated so the negative prompt gets whole words
@@ -137,8 +145,6 @@ def corpus():
 
 def train_bpe(texts, vocab_size):
     """Byte-level BPE ranks {token bytes: rank} on Qwen-regex pieces: 256 bytes, then merges by frequency."""
-    from tokenizers import Regex, pre_tokenizers
-    from convert import QWEN_PAT
     split = pre_tokenizers.Split(Regex(QWEN_PAT), behavior="isolated")
     words = Counter(p.encode() for t in texts for p, _ in split.pre_tokenize_str(t))
     seqs = {w: [bytes([b]) for b in w] for w in words}  # current segmentation of each piece
@@ -169,8 +175,6 @@ def train_bpe(texts, vocab_size):
 
 def make_tokenizer(path, n_visual):
     """Learn the toy ranks, write them as a tiktoken file at `path`, build the tokenizer like the real one."""
-    import base64
-    from convert import build_tokenizer
     ranks = train_bpe(corpus(), 512)
     with open(path, "w") as f:
         f.writelines(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items())
@@ -187,33 +191,29 @@ def special_ids(tok):
 
 # ---- VQ-VAE training: the real VQVAE modules, with a straight-through quantizer ----
 
-def vq_latents(vq, x):
-    """x (B,3,H,W) -> pre-quantization latents (N = B*h*w, embed_dim), the path of VQVAE.encode for an image."""
-    tf = vq.cfg.temporal_downsample_factor
-    h = vq.encoder.forward_2d(x).unsqueeze(2).repeat(1, 1, tf, 1, 1)  # (B, z, 4, h, w): 4 equal frames
-    z = vq.quant_conv(vq.encoder.forward_time(h))                      # (B, embed_dim, 1, h, w)
-    return z.permute(0, 2, 3, 4, 1).reshape(-1, z.shape[1]), z.shape
+def flat_latents(vq, x):
+    """x (B,3,H,W) -> the latents VQVAE.encode rounds to codes, one row per grid position: (B*h*w, embed_dim)."""
+    z = vq.encode_latents(x)  # (B, embed_dim, 1, h, w)
+    return z.permute(0, 2, 3, 4, 1).reshape(-1, z.shape[1])
 
 
 def vq_train_forward(vq, x, quantize=True):
     """x (B,3,H,W) in [-1,1] -> (reconstruction (B,3,H,W), codebook + commitment loss, codes (B,h,w)).
 
-    Same path as VQVAE.encode/decode for an image (2-D encoder once, repeated to 4 frames; 2-D decoder on frame 0),
-    except that the decoder gets z + sg(e - z) instead of e, so the reconstruction loss reaches the encoder.
+    VQVAE.encode and decode's own steps for an image (2-D encoder once, repeated to 4 frames; 2-D decoder on frame
+    0), except that the decoder gets z + sg(e - z) instead of e, so the reconstruction loss reaches the encoder.
     quantize=False (warm-up) feeds z itself: a plain autoencoder whose latents then seed the codebook.
     """
-    zf, (b, c, t, hh, ww) = vq_latents(vq, x)                          # (N, embed_dim)
-    idx = vq.quantize(zf.detach())                                     # (N,) nearest code
+    z = vq.encode_latents(x)                                           # (B, embed_dim, 1, h, w)
+    codes = vq.quantize_latents(z.detach())                            # (B, 1, h, w) nearest codes
     if quantize:
-        e = vq.quantize.embedding(idx)                                 # (N, embed_dim)
-        vq_loss = F.mse_loss(e, zf.detach()) + 0.25 * F.mse_loss(zf, e.detach())  # codebook + commitment
-        zf = zf + (e - zf).detach()                                    # straight-through
+        e = vq.code_vectors(codes)                                     # (B, embed_dim, 1, h, w)
+        vq_loss = F.mse_loss(e, z.detach()) + 0.25 * F.mse_loss(z, e.detach())  # codebook + commitment
+        z = z + (e - z).detach()                                       # straight-through
     else:
         vq_loss = torch.zeros(())
-    zq = zf.view(b, t, hh, ww, c).permute(0, 4, 1, 2, 3)               # (B, embed_dim, 1, h, w)
-    hq, zq = vq.decoder.forward_time(torch.cat([vq.post_quant_conv(zq), zq])).chunk(2)  # each (B, z, 4, h, w)
-    recon = vq.decoder.forward_2d(hq[:, :, 0], zq[:, :, 0])           # frame 0 only, (B, 3, H, W)
-    return recon, vq_loss, idx.view(b, hh, ww)
+    recon = vq.decode_latents(z, first_frame=True)[:, 0]              # (B, 3, H, W)
+    return recon, vq_loss, codes[:, 0]
 
 
 def random_scene(rng, scenes=ALL_SCENES):
@@ -222,7 +222,6 @@ def random_scene(rng, scenes=ALL_SCENES):
 
 def image_batch(rng, n, px, scenes=ALL_SCENES):
     """n random scenes -> (x (n,3,px,px) in [-1,1] through vqvae.preprocess, list of scenes)."""
-    from vqvae import preprocess
     scenes = [random_scene(rng, scenes) for _ in range(n)]
     x = torch.stack([preprocess(draw(s, px, rng), px * px, px * px) for s in scenes])
     return x, scenes
@@ -244,7 +243,7 @@ def lr_at(step, steps, lr, warmup=50):
 def kmeans_init(vq, rng, px, n_images=512, iters=20):
     """Set the codebook to k-means centroids of the current latents of n_images fresh images."""
     with torch.no_grad():
-        z = torch.cat([vq_latents(vq, image_batch(rng, 64, px)[0])[0] for _ in range(n_images // 64)])  # (N, c)
+        z = torch.cat([flat_latents(vq, image_batch(rng, 64, px)[0]) for _ in range(n_images // 64)])  # (N, c)
         k = vq.cfg.codebook_size
         cent = z[torch.randperm(len(z), generator=torch.Generator().manual_seed(0))[:k]].clone()
         for _ in range(iters):  # Lloyd: assign, then move each centroid to its members' mean (empty ones stay)
@@ -295,7 +294,7 @@ def train_vq(vq, state_path, steps, batch, lr, px, seed, log_every=100, warmup=3
             dead = (usage == 0).nonzero().flatten() if step < steps * 0.7 else []
             if len(dead):
                 with torch.no_grad():
-                    z = vq_latents(vq, x)[0]
+                    z = flat_latents(vq, x)
                     err = torch.cdist(z, vq.quantize.embedding.weight).min(1).values  # (N,) distance to nearest code
                     # prefer badly fitted latents (shape edges), else every restart lands on the background
                     pick = torch.multinomial(err + 1e-6, len(dead), replacement=True,
@@ -335,25 +334,22 @@ def encode_pool(vq, n, px, seed, scenes):
 
 def gen_sequence(tok, cfg, text, codes):
     """(ids, loss mask): bos text boi "h*w" img [row eol]*h eof eoi eos, loss on everything after img."""
-    import sample
     h, w = codes.shape
-    prompt = sample.gen_prompt_ids(tok, text, h, w, cfg)
+    prompt = prompts.encode(tok, prompts.gen_prompt(text, h, w))
     rows = torch.cat([codes.long() + cfg.visual_offset, torch.full((h, 1), cfg.eol_id)], 1)  # (h, w+1)
     image = rows.flatten().tolist() + [cfg.eof_id, cfg.eoi_id, cfg.eos_id]
     return prompt + image, [0] * len(prompt) + [1] * len(image)
 
 
 def chat_sequence(tok, cfg, question, ans, codes):
-    """(ids, loss mask): sample.chat_prompt(question, codes) then " answer" eos, loss on the answer and eos."""
-    import sample
-    prompt = tok.encode(sample.chat_prompt(question, codes), add_special_tokens=False).ids
+    """(ids, loss mask): prompts.chat_prompt(question, codes) then " answer" eos, loss on the answer and eos."""
+    prompt = prompts.encode(tok, prompts.chat_prompt(question, codes))
     reply = tok.encode(" " + ans, add_special_tokens=False).ids + [cfg.eos_id]
     return prompt + reply, [0] * len(prompt) + [1] * len(reply)
 
 
 def make_lm_batch(rng, tok, cfg, codes, scene_idx, n, p_gen, p_uncond):
     """n sequences drawn from the encoded pool -> tokens (n,T), targets (n,T) with -100 outside the loss."""
-    import sample
     seqs = []
     for _ in range(n):
         j = rng.randrange(len(codes))
@@ -362,9 +358,9 @@ def make_lm_batch(rng, tok, cfg, codes, scene_idx, n, p_gen, p_uncond):
             # sample.py appends the positive prompt to every caption; the negative prompt (or an empty one)
             # stands for "no caption", so the CFG branch is a trained unconditional model
             if rng.random() < p_uncond:
-                text = rng.choice([sample.NEGATIVE_PROMPT, ""])
+                text = rng.choice([NEGATIVE_PROMPT, ""])
             else:
-                text = caption(scene) + sample.POSITIVE_PROMPT
+                text = caption(scene) + POSITIVE_PROMPT
             seqs.append(gen_sequence(tok, cfg, text, codes[j]))
         else:
             q = rng.choice(list(QUESTIONS))
@@ -424,32 +420,14 @@ def train_lm(model, tok, codes, scene_idx, state_path, steps, batch, lr, seed, p
 
 # ---- evaluation: everything through sample.py's own entry points, scored by the pixel checker ----
 
-def run_image_cli(out, prompts, seed, tmp, **kw):
-    """sample.image (the `python sample.py image` function) on a list of prompts -> list of PIL images."""
-    import sample
-    args = dict(negative_prompt=sample.NEGATIVE_PROMPT, ratio="1:1", area=None, guidance=3.0, top_k=2048,
-                temperature=1.0, batch=1, device="cpu", dtype="bfloat16", compile=False)
-    args.update(kw)
-    path = os.path.join(tmp, "gen.png")
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        sample.image(out, prompts, out=path, seed=seed, **args)
-    if len(prompts) * args["batch"] == 1:
-        return [Image.open(path).convert("RGB")]
-    return [Image.open(os.path.join(tmp, f"gen_{i}.png")).convert("RGB") for i in range(len(prompts) * args["batch"])]
+def run_images(m, captions, seed):
+    """sample.images (what `python sample.py image` runs) with its defaults -> PIL images; caption b uses seed + b."""
+    return sample.images(m, captions, seed=seed)[0]
 
 
-def run_chat_cli(out, questions, images, px, tmp, dtype="bfloat16"):
-    """sample.chat (the `python sample.py chat` function), greedy, one batch -> list of answers."""
-    import sample
-    paths = []
-    for i, im in enumerate(images):
-        paths.append(os.path.join(tmp, f"chat_{i}.png"))
-        im.save(paths[-1])
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
-        sample.chat(out, questions, paths, max_new_tokens=24, temperature=0.0, top_k=None, top_p=None, seed=None,
-                    device="cpu", dtype=dtype, min_pixels=px * px, max_pixels=px * px)
-    return buf.getvalue().splitlines()
+def run_chat(m, questions, pictures, px):
+    """sample.chat (what `python sample.py chat` runs), greedy, one batch, images read at px x px -> answers."""
+    return sample.chat(m, questions, pictures, max_new_tokens=24, min_pixels=px * px, max_pixels=px * px)
 
 
 def eval_sets(rng, n):
@@ -460,37 +438,32 @@ def eval_sets(rng, n):
 
 def evaluate(out, px, seed, n_eval):
     """Print VQ reconstruction PSNR, colour/shape scores of generated images and of chat answers."""
-    import tempfile
-    from convert import load_vqvae
     rng = random.Random(seed + 12345)
+    m = sample.load(out, "cpu", "bfloat16")
     # 1. VQ-VAE: reconstruction PSNR, and does the checker still read colour and shape after a round trip
-    vq = load_vqvae(out)
     x, scenes = image_batch(rng, n_eval, px)
     with torch.no_grad():
-        recon = vq.decode(vq.encode(x))
-    from vqvae import postprocess
+        recon = m.vq.decode(m.vq.encode(x))
     got = [check(postprocess(r)) for r in recon]
     print(f"vq: PSNR {psnr(recon, x):.2f} dB on {n_eval} images; checker on reconstructions: colour "
           f"{pct(g[0] == s[1] for g, s in zip(got, scenes))}, shape {pct(g[1] == s[0] for g, s in zip(got, scenes))}")
-    with tempfile.TemporaryDirectory() as tmp:
-        # 2. text -> image on captions never trained on (and on trained ones, for comparison), default CLI settings
-        for name, scenes in eval_sets(rng, n_eval):
-            t0 = time.time()
-            imgs = run_image_cli(out, [caption(s) for s in scenes], seed, tmp)
-            got = [check(im) for im in imgs]
-            print(f"image ({name} captions, {n_eval} images, {time.time() - t0:.0f}s): colour "
-                  f"{pct(g[0] == s[1] for g, s in zip(got, scenes))}, shape "
-                  f"{pct(g[1] == s[0] for g, s in zip(got, scenes))}", flush=True)
-        # 3. chat about new images of held-out scenes (and of trained ones, for comparison), greedy
-        for name, scenes in eval_sets(rng, n_eval):
-            imgs = [draw(s, px, rng) for s in scenes]
-            for q, keys in (("What colour is the shape?", (1,)), ("What shape is this?", (0,)),
-                            ("Describe the image.", (0, 1))):
-                answers = run_chat_cli(out, [q], imgs, px, tmp)
-                ok = [all(re.search(rf"\b{s[k]}\b", a) for k in keys) for a, s in zip(answers, scenes)]
-                print(f"chat ({name} scenes) {q!r}: {pct(ok)} name the right "
-                      f"{' and '.join(('shape', 'colour')[k] for k in keys)}"
-                      f"  (e.g. {answers[0].strip()!r} for {caption(scenes[0])!r})", flush=True)
+    # 2. text -> image on captions never trained on (and on trained ones, for comparison), default settings
+    for name, scenes in eval_sets(rng, n_eval):
+        t0 = time.time()
+        got = [check(im) for im in run_images(m, [caption(s) for s in scenes], seed)]
+        print(f"image ({name} captions, {n_eval} images, {time.time() - t0:.0f}s): colour "
+              f"{pct(g[0] == s[1] for g, s in zip(got, scenes))}, shape "
+              f"{pct(g[1] == s[0] for g, s in zip(got, scenes))}", flush=True)
+    # 3. chat about new images of held-out scenes (and of trained ones, for comparison), greedy
+    for name, scenes in eval_sets(rng, n_eval):
+        imgs = [draw(s, px, rng) for s in scenes]
+        for q, keys in (("What colour is the shape?", (1,)), ("What shape is this?", (0,)),
+                        ("Describe the image.", (0, 1))):
+            answers = run_chat(m, [q], imgs, px)
+            ok = [all(re.search(rf"\b{s[k]}\b", a) for k in keys) for a, s in zip(answers, scenes)]
+            print(f"chat ({name} scenes) {q!r}: {pct(ok)} name the right "
+                  f"{' and '.join(('shape', 'colour')[k] for k in keys)}"
+                  f"  (e.g. {answers[0].strip()!r} for {caption(scenes[0])!r})", flush=True)
 
 
 def pct(oks):
@@ -499,16 +472,13 @@ def pct(oks):
 
 
 def sample_grid(out, path, px, seed, scale=3):
-    """A labelled grid for the README, each cell drawn by `sample.py image`: rows = shapes, columns = colours,
+    """A labelled grid for the README, each cell drawn by sample.images: rows = shapes, columns = colours,
     first large shapes in the center, then small ones in the places named under them."""
-    import tempfile
-    from PIL import ImageFont
     places = list(POSITIONS)
     cells = [("large", sh, co, "in the center") for sh in SHAPES for co in COLOURS]
     cells += [("small", sh, co, places[(i * 5 + 1) % len(places)]) for i, (sh, co) in
               enumerate((sh, co) for sh in SHAPES for co in COLOURS)]
-    with tempfile.TemporaryDirectory() as tmp:
-        imgs = run_image_cli(out, [f"a {si} {co} {sh} {po}" for si, sh, co, po in cells], seed, tmp)
+    imgs = run_images(sample.load(out, "cpu", "bfloat16"), [f"a {si} {co} {sh} {po}" for si, sh, co, po in cells], seed)
     s, label, n = px * scale, 14, len(COLOURS)
     rows = len(cells) // n
     grid = Image.new("RGB", (n * (s + 4) + 4, rows * (s + label + 4) + 4), (255, 255, 255))
@@ -518,26 +488,11 @@ def sample_grid(out, path, px, seed, scale=3):
         x, y = 4 + (i % n) * (s + 4), 4 + (i // n) * (s + label + 4)
         d.text((x, y), f"{co} {sh}" if si == "large" else po.split(" ", 2)[2], fill=(0, 0, 0), font=font)
         grid.paste(im.resize((s, s), Image.NEAREST), (x, y + label))
-    grid.save(path)
+    sample.save_image(grid, Path(path))
     print(f"wrote {path}")
 
 
-# ---- checkpoint: our format (config.json + safetensors + tokenizer.json) ----
-
-def save_vq(vq, out):
-    os.makedirs(out, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in vq.state_dict().items()}, os.path.join(out, "vqvae.safetensors"),
-              {"format": "pt"})
-
-
-def write_config(out, vq_cfg, lm_cfg=None):
-    from dataclasses import asdict
-    cfg = {"vqvae": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(vq_cfg).items()}}
-    if lm_cfg is not None:
-        cfg["emu3"] = asdict(lm_cfg)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-
+DEFAULT_OUT = "toy/trained"  # a new folder: the shipped toy/ckpt is written only when named, with --overwrite
 
 # toy sizes: a factor-8 VQ like the real one (4 levels), narrow and with one res block per level
 TOY_VQ = dict(codebook_size=512, embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1,
@@ -546,30 +501,30 @@ TOY_VQ = dict(codebook_size=512, embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 1
 TOY_LM = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512, rope_theta=1e4, max_seq_len=512)
 
 
-def main(out, state, px, seed, threads, vq_steps, vq_batch, vq_lr, pool, lm_steps, lm_batch, lm_lr, run_eval, n_eval,
-         samples, p_gen, p_uncond):
-    from emu3 import Emu3, Emu3Config
-    from vqvae import VQVAE, VQConfig
+def main(out, state, overwrite, px, seed, threads, vq_steps, vq_batch, vq_lr, pool, lm_steps, lm_batch, lm_lr,
+         run_eval, n_eval, samples, p_gen, p_uncond):
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     if run_eval:
+        if samples and os.path.exists(samples) and not overwrite:
+            raise ValueError(f"{samples} exists: give another --samples path, or --overwrite")
+        if samples:
+            sample.image_paths(samples, 1)  # an image path in an existing folder, checked before the long eval
         evaluate(out, px, seed, n_eval)
-        sample_grid(out, samples or os.path.join(os.path.dirname(os.path.normpath(out)), "samples.png"), px, seed)
+        if samples:
+            sample_grid(out, samples, px, seed)
         return
-    os.makedirs(out, exist_ok=True)
+    checkpoint.check_out_dir(out, overwrite)  # before hours of work: never into a checkpoint without --overwrite
     os.makedirs(state, exist_ok=True)
     vq_cfg = VQConfig(**TOY_VQ)
     t_start = time.time()
     # stage 1: VQ-VAE
     vq = VQVAE(vq_cfg)
     train_vq(vq, os.path.join(state, "vq.pt"), vq_steps, vq_batch, vq_lr, px, seed)
-    save_vq(vq, out)
-    write_config(out, vq_cfg)
     print(f"vq done, {time.time() - t_start:.0f}s so far", flush=True)
     # stage 2: tokenizer (toy BPE + the real specials and visual tokens), encoded image pool, decoder
     tok = make_tokenizer(os.path.join(state, "toy.tiktoken"), vq_cfg.codebook_size)
-    tok.save(os.path.join(out, "tokenizer.json"))
     lm_cfg = Emu3Config(vocab_size=tok.get_vocab_size(), codebook_size=vq_cfg.codebook_size, image_area=px * px,
                         **special_ids(tok), **TOY_LM)
     pool_path = os.path.join(state, "pool.pt")
@@ -585,15 +540,18 @@ def main(out, state, px, seed, threads, vq_steps, vq_batch, vq_lr, pool, lm_step
     print(f"decoder: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {lm_cfg.vocab_size}")
     train_lm(model, tok, codes, scene_idx, os.path.join(state, "lm.pt"), lm_steps, lm_batch, lm_lr, seed, p_gen,
              p_uncond)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              os.path.join(out, "model-00001-of-00001.safetensors"), {"format": "pt"})
-    write_config(out, vq_cfg, lm_cfg)
+    # images go in at exactly px x px, the size the toy learned; its grid is recorded for sample.py's log
+    checkpoint.save(out, lm_cfg, [model.state_dict()], vq, tok, ImageConfig(px * px, px * px),
+                    overwrite=overwrite, training={"image_grid": [px // 8, px // 8]})
     print(f"done in {time.time() - t_start:.0f}s: wrote {out}", flush=True)
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Train (or evaluate) the toy Emu3 on synthetic shapes, on CPU.")
-    p.add_argument("--out", default="toy/ckpt", help="checkpoint dir to write (our format)")
+    p = argparse.ArgumentParser(description="Train (or evaluate) the toy Emu3 on synthetic shapes, on CPU.",
+                                formatter_class=sample.Help)
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help="checkpoint dir to write (a new folder), or with --eval the one to score (e.g. toy/ckpt)")
+    p.add_argument("--overwrite", action="store_true", help="allow replacing an existing --out (or --samples)")
     p.add_argument("--state", default="toy/state", help="dir for resumable training state and the encoded data")
     p.add_argument("--px", type=int, default=48, help="image side in pixels (grid = px/8)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -611,12 +569,11 @@ if __name__ == "__main__":
                    help="share of text->image sequences whose caption is the negative or an empty prompt (CFG)")
     p.add_argument("--lm-lr", type=float, default=3e-3, help="decoder peak learning rate")
     p.add_argument("--eval", dest="run_eval", action="store_true",
-                   help="evaluate the checkpoint in --out (and draw a sample grid, see --samples) instead of training")
+                   help="score the checkpoint in --out through sample.py instead of training")
     p.add_argument("--n-eval", type=int, default=72, help="images / questions per eval score")
-    p.add_argument("--samples", default=None,
-                   help="where --eval writes its sample grid (default: samples.png next to --out)")
+    p.add_argument("--samples", default=None, help="with --eval: also draw the README's sample grid to this PNG")
     args = p.parse_args()
     try:
         main(**vars(args))
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")

@@ -3,23 +3,28 @@
 Tracks the original BAAI code (emu3/tokenizer/modeling_emu3visionvq.py) and keeps its taming-style module names,
 so an original Emu3-VisionTokenizer state dict loads with no renames (transformers' port is converted in convert.py).
 
-encode: x (B,T,3,H,W) in [-1,1], T % 4 == 0 (an image (B,3,H,W) counts as 4 equal frames)
+encode = quantize_latents(encode_latents(x)), as taming splits it:
+  x (B,T,3,H,W) in [-1,1], T % 4 == 0 (an image (B,3,H,W) counts as 4 equal frames)
   -> per frame: conv_in -> down levels [ResnetBlock (+AttnBlock) ... Downsample] -> mid -> norm/swish/conv_out
      (B*T, 4, H/8, W/8)
   -> time: 2 x TemporalDownsample (T -> T/4) -> 2 x TemporalResnetBlock        (B, 4, T/4, H/8, W/8)
-  -> quant_conv -> nearest codebook entry                                       codes (B, T/4, H/8, W/8)
-decode: codes -> codebook (zq) and post_quant_conv(zq) (z), both (B, 4, T/4, h, w)
-  -> time (z and zq stacked on batch): 2 x TemporalResnetBlock -> 2 x TemporalUpsample   (2B, 4, T, h, w)
+  -> quant_conv: latents z                                                      (B, 4, T/4, h, w)
+  -> nearest codebook entry                                                     codes (B, T/4, h, w)
+decode = decode_latents(code_vectors(codes)):
+  codes -> codebook vectors zq, and post_quant_conv(zq), both (B, 4, T/4, h, w)
+  -> time (both stacked on batch): 2 x TemporalResnetBlock -> 2 x TemporalUpsample   (2B, 4, T, h, w)
   -> per frame: conv_in -> mid -> up levels [ResnetBlock (+AttnBlock) ... Upsample] -> norm/swish/conv_out,
      every norm a SpatialNorm conditioned on zq                                 x (B, T, 3, 8h, 8w)
 An image runs the 2-D encoder once and the 2-D decoder on frame 0 only: a quarter of the reference's work, and the
 same result (frames never mix in the 2-D layers) up to the last-bit rounding of batch-size-dependent conv kernels.
+Training (train.py) uses the same three steps, with a straight-through estimate between quantize and decode.
+
+Images in and out (transformers' Emu3ImageProcessor with the released settings, reference §2.6):
+  PIL image -> RGB -> smart_resize (multiples of 8, area within [min_pixels, max_pixels]) -> bicubic on uint8
+  -> /255 in float64 -> (x - 0.5) / 0.5 -> (3, H, W) float32;  and back: (x + 1) / 2 * 255, clip, truncate.
 """
-import argparse
 import math
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,12 +51,29 @@ class VQConfig:  # defaults = released BAAI/Emu3-VisionTokenizer; field names as
 VQ_TINY = VQConfig(codebook_size=64, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(1,))
 
 
+@dataclass
+class ImageConfig:  # how input images are prepared; defaults = the released preprocessor_config.json
+    min_pixels: int = 512 * 512         # smart_resize keeps the area within [min_pixels, max_pixels]
+    max_pixels: int = 1024 * 1024
+    # transparent pixels: "drop" keeps the colour under the alpha (the original processor, whose transformers 4.44
+    # convert_to_rgb was a plain convert("RGB"): the released weights were trained so), "white" composites onto
+    # white (transformers 5). A converted checkpoint records its own reference's choice (configs.image_config).
+    transparency: str = "drop"
+
+
 def swish(x):
     return x * torch.sigmoid(x)  # written out (not F.silu) as in both references, for bitwise parity
 
 
-def group_norm(c):
-    return nn.GroupNorm(num_groups=32, num_channels=c, eps=1e-6, affine=True)
+class GroupNorm(nn.GroupNorm):
+    """The encoder's norm. It takes (and ignores) the decoder's conditioning zq, so every block calls its norm
+    as norm(x, zq) whether it is this or a SpatialNorm."""
+
+    def __init__(self, c):
+        super().__init__(num_groups=32, num_channels=c, eps=1e-6, affine=True)
+
+    def forward(self, x, zq=None):
+        return super().forward(x)
 
 
 # ---- temporal (3-D) layers, acting on (B, C, T, H, W) ----
@@ -59,11 +81,10 @@ def group_norm(c):
 class CausalConv3d(nn.Module):
     def __init__(self, cin, cout, kernel=(3, 1, 1), stride=(1, 1, 1)):
         super().__init__()
-        # spatial pad k - s per dim, split (more before, less after); F.pad order is (w, h, t)
-        pad = ()
-        for k, s in reversed(list(zip(kernel[1:], stride[1:]))):
-            pad += ((k - s) // 2 + (k - s) % 2, (k - s) // 2)
-        self.padding = pad + (2, 0)  # the reference pads time by 2 frames in front, whatever the kernel
+        _, kh, kw = kernel  # every spatial kernel is 1 or 3 with stride 1: "same" padding, kh // 2 on each side
+        # F.pad order is (w_left, w_right, h_top, h_bottom, t_front, t_back); the reference pads time by 2 frames
+        # in front, whatever the kernel
+        self.padding = (kw // 2, kw // 2, kh // 2, kh // 2, 2, 0)
         self.conv = nn.Conv3d(cin, cout, kernel, stride=stride)
 
     def forward(self, x):
@@ -111,7 +132,7 @@ class SpatialNorm(nn.Module):
 
     def __init__(self, c, zq_ch):
         super().__init__()
-        self.norm_layer = group_norm(c)
+        self.norm_layer = GroupNorm(c)
         self.conv_y = nn.Conv2d(zq_ch, c, 1)
         self.conv_b = nn.Conv2d(zq_ch, c, 1)
 
@@ -124,18 +145,17 @@ class ResnetBlock(nn.Module):
     def __init__(self, cin, cout, zq_ch=None, dropout=0.0):
         super().__init__()
         # encoder: GroupNorm; decoder: SpatialNorm conditioned on the code vectors zq
-        self.norm1 = group_norm(cin) if zq_ch is None else SpatialNorm(cin, zq_ch)
+        self.norm1 = GroupNorm(cin) if zq_ch is None else SpatialNorm(cin, zq_ch)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = group_norm(cout) if zq_ch is None else SpatialNorm(cout, zq_ch)
+        self.norm2 = GroupNorm(cout) if zq_ch is None else SpatialNorm(cout, zq_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         if cin != cout:
             self.nin_shortcut = nn.Conv2d(cin, cout, 1)
 
     def forward(self, x, zq=None):
-        zq = () if zq is None else (zq,)
-        h = self.conv1(swish(self.norm1(x, *zq)))
-        h = self.conv2(self.dropout(swish(self.norm2(h, *zq))))
+        h = self.conv1(swish(self.norm1(x, zq)))
+        h = self.conv2(self.dropout(swish(self.norm2(h, zq))))
         return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
 
 
@@ -144,18 +164,18 @@ class AttnBlock(nn.Module):
 
     def __init__(self, c, zq_ch=None):
         super().__init__()
-        self.norm = group_norm(c) if zq_ch is None else SpatialNorm(c, zq_ch)
+        self.norm = GroupNorm(c) if zq_ch is None else SpatialNorm(c, zq_ch)
         self.q = nn.Conv2d(c, c, 1)
         self.k = nn.Conv2d(c, c, 1)
         self.v = nn.Conv2d(c, c, 1)
         self.proj_out = nn.Conv2d(c, c, 1)
 
     def forward(self, x, zq=None):
-        n = self.norm(x, *(() if zq is None else (zq,)))
-        b, c, h, w = x.shape
-        q, k, v = (f(n).reshape(b, c, h * w) for f in (self.q, self.k, self.v))  # (B, C, HW)
-        att = F.softmax(torch.bmm(q.transpose(1, 2), k) / c**0.5, dim=2)         # (B, HW queries, HW keys)
-        out = torch.bmm(v, att.transpose(1, 2)).reshape(b, c, h, w)
+        n = self.norm(x, zq)
+        b, c, height, width = x.shape
+        q, k, v = (f(n).reshape(b, c, height * width) for f in (self.q, self.k, self.v))  # (B, C, HW)
+        att = F.softmax(torch.bmm(q.transpose(1, 2), k) / c**0.5, dim=2)                  # (B, HW queries, HW keys)
+        out = torch.bmm(v, att.transpose(1, 2)).reshape(b, c, height, width)
         return x + self.proj_out(out)
 
 
@@ -209,7 +229,7 @@ class Encoder(nn.Module):
             self.down.append(level(blocks, attn, "downsample", None if last else Downsample(c)))
             cin = c
         self.mid = middle(cin, None, cfg.dropout)
-        self.norm_out = group_norm(cin)
+        self.norm_out = GroupNorm(cin)
         self.conv_out = nn.Conv2d(cin, z, 3, padding=1)
         n_time = int(math.log2(cfg.temporal_downsample_factor))
         self.time_conv = nn.ModuleList(TemporalDownsample(z) for _ in range(n_time))
@@ -299,7 +319,9 @@ class VQVAE(nn.Module):
         self.quant_conv = CausalConv3d(cfg.z_channels, cfg.embed_dim)       # kernel (3,1,1) over time
         self.post_quant_conv = CausalConv3d(cfg.embed_dim, cfg.z_channels)
 
-    def encode(self, x):
+    def encode_latents(self, x):
+        """x: images (B,3,H,W) or video (B,T,3,H,W) in [-1, 1] -> latents z (B, embed_dim, T/4, H/8, W/8), T = 4 for
+        an image: what the quantizer rounds to the nearest code."""
         cfg, tf = self.cfg, self.cfg.temporal_downsample_factor
         if x.ndim not in (4, 5):
             raise ValueError(f"expected images (B,3,H,W) or video (B,T,3,H,W), got shape {tuple(x.shape)}")
@@ -318,30 +340,45 @@ class VQVAE(nn.Module):
             b, t = x.shape[:2]
             h = self.encoder.forward_2d(x.flatten(0, 1))                  # (B*T, z, h, w)
             h = h.unflatten(0, (b, t)).transpose(1, 2)                    # (B, z, T, h, w)
-        h = self.quant_conv(self.encoder.forward_time(h))                 # (B, embed_dim, T/4, h, w)
-        b, c, t, hh, ww = h.shape
-        codes = self.quantize(h.permute(0, 2, 3, 4, 1).reshape(-1, c)).view(b, t, hh, ww)
+        return self.quant_conv(self.encoder.forward_time(h))              # (B, embed_dim, T/4, h, w)
+
+    def quantize_latents(self, z):
+        """z (B, C, T', h, w) -> codes (B, T', h, w): the index of each position's nearest codebook vector."""
+        b, c, t, height, width = z.shape
+        return self.quantize(z.permute(0, 2, 3, 4, 1).reshape(-1, c)).view(b, t, height, width)
+
+    def code_vectors(self, codes):
+        """codes (B, T', h, w) -> their codebook vectors zq (B, embed_dim, T', h, w)."""
+        return self.quantize.embedding(codes).permute(0, 4, 1, 2, 3)
+
+    def decode_latents(self, zq, first_frame=False):
+        """zq (B, embed_dim, T', h, w) -> pixels (B, 4T', 3, 8h, 8w); first_frame: only frame 0, (B, 1, 3, 8h, 8w)."""
+        b = zq.shape[0]
+        z = self.post_quant_conv(zq)                                      # (B, z, T', h, w)
+        # z and zq go through the temporal layers stacked on batch in (B, T', C, h, w) memory order, viewed as
+        # (2B, C, T', h, w): the reference's layout, which its BatchNorm kernel rounds differently from a contiguous one
+        both = torch.cat([z.transpose(1, 2), zq.transpose(1, 2)]).transpose(1, 2)  # (2B, C, T', h, w)
+        h, zq = self.decoder.forward_time(both).chunk(2)                  # each (B, z, 4T', h, w)
+        if first_frame:
+            h, zq = h[:, :, :1], zq[:, :, :1]
+        t = h.shape[2]
+        h, zq = (a.transpose(1, 2).flatten(0, 1) for a in (h, zq))        # (B*T, z, h, w)
+        return self.decoder.forward_2d(h, zq).unflatten(0, (b, t))        # (B, T, 3, H, W)
+
+    def encode(self, x):
+        """images (B,3,H,W) -> codes (B, H/8, W/8); video (B,T,3,H,W) -> codes (B, T/4, H/8, W/8)."""
+        codes = self.quantize_latents(self.encode_latents(x))
         return codes[:, 0] if x.ndim == 4 else codes
 
     def decode(self, codes):
-        cfg = self.cfg
+        """codes (B,h,w) -> images (B,3,8h,8w); codes (B,T',h,w) -> video (B,4T',3,8h,8w)."""
         if codes.ndim not in (3, 4) or codes.dtype.is_floating_point or codes.dtype == torch.bool:
             raise ValueError(f"expected integer codes (B,h,w) or (B,T',h,w), got {codes.dtype} {tuple(codes.shape)}")
-        if codes.numel() and (codes.min() < 0 or codes.max() >= cfg.codebook_size):
-            raise ValueError(f"codes must lie in [0, {cfg.codebook_size}), got [{codes.min()}, {codes.max()}]")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.cfg.codebook_size):
+            raise ValueError(f"codes must lie in [0, {self.cfg.codebook_size}), got [{codes.min()}, {codes.max()}]")
         image = codes.ndim == 3
-        c4 = codes.unsqueeze(1) if image else codes                       # (B, T', h, w)
-        b, t, hh, ww = c4.shape
-        zq = self.quantize.embedding(c4).permute(0, 1, 4, 2, 3)           # (B, T', embed_dim, h, w)
-        z = self.post_quant_conv(zq.transpose(1, 2)).transpose(1, 2)      # (B, T', z, h, w)
-        # stack on batch in (B, T', C, h, w) memory order, then view as (2B, C, T', h, w): the reference's layout,
-        # which its BatchNorm kernel rounds differently from a contiguous tensor
-        h, zq = self.decoder.forward_time(torch.cat([z, zq]).transpose(1, 2)).chunk(2)  # each (B, z, 4T', h, w)
-        if image:
-            h, zq = h[:, :, :1], zq[:, :, :1]  # the reference returns frame 0 of 4: decode only that one
-        t = h.shape[2]
-        h, zq = (a.transpose(1, 2).flatten(0, 1) for a in (h, zq))        # (B*T, z, h, w)
-        x = self.decoder.forward_2d(h, zq).unflatten(0, (b, t))           # (B, T, 3, H, W)
+        # the reference decodes an image's 4 frames and returns frame 0: decode only that one
+        x = self.decode_latents(self.code_vectors(codes.unsqueeze(1) if image else codes), first_frame=image)
         return x[:, 0] if image else x
 
 
@@ -363,18 +400,23 @@ def smart_resize(height, width, factor=8, min_pixels=512 * 512, max_pixels=1024 
     return h, w
 
 
-def to_rgb(image):
-    # as transformers' convert_to_rgb: composite transparency onto white, else PIL's own conversion
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
+def to_rgb(image, transparency="drop"):
+    """Any PIL image -> RGB. A transparent one (an alpha band, or a palette or grey image with a transparent index):
+    "white" composites it onto white, as transformers 5's convert_to_rgb does; "drop" keeps the colour under the
+    alpha, as PIL's plain convert("RGB") does."""
+    if transparency not in ("white", "drop"):
+        raise ValueError(f"transparency must be 'white' or 'drop', got {transparency!r}")
+    if transparency == "white" and ("A" in image.getbands() or image.info.get("transparency") is not None):
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
 
 
-def preprocess(image, min_pixels=512 * 512, max_pixels=1024 * 1024, factor=8):
-    image = to_rgb(image)
-    h, w = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
-    x = np.asarray(image.resize((w, h), Image.BICUBIC))                  # (H, W, 3) uint8, bicubic on uint8
+def preprocess(image, min_pixels=512 * 512, max_pixels=1024 * 1024, factor=8, transparency="drop"):
+    """PIL image -> (3, H, W) float32 in [-1, 1], H and W multiples of factor (reference §2.6)."""
+    image = to_rgb(image, transparency)
+    height, width = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
+    x = np.asarray(image.resize((width, height), Image.BICUBIC))         # (H, W, 3) uint8, bicubic on uint8
     x = (x.astype(np.float64) * (1 / 255)).astype(np.float32)            # rescale in float64, then float32
     return (torch.from_numpy(x).permute(2, 0, 1) - 0.5) / 0.5            # (3, H, W) in [-1, 1]
 
@@ -383,65 +425,3 @@ def postprocess(x):
     x = (x.detach().float().cpu() + 1) / 2                               # (3, H, W) in ~[0, 1], float32
     x = (x.permute(1, 2, 0).double() * 255.0).float().numpy()            # the reference rescales in float64
     return Image.fromarray(x.clip(0, 255).astype(np.uint8))              # clip, then truncate (not round)
-
-
-def open_image(path):
-    try:
-        image = Image.open(path)
-        image.load()  # decode now, so a truncated file fails here
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
-    return image
-
-
-# ---- command line: reconstruct an image or a video through the tokenizer ----
-
-def main(ckpt, image, frames, out, device, min_pixels, max_pixels):
-    from convert import load_vqvae
-    if (image is None) == (not frames):
-        raise ValueError("give exactly one of --image or --frames")
-    # read the inputs first: a bad file fails before the model loads
-    paths = [image] if image is not None else frames
-    if frames and Path(frames[0]).is_dir():
-        paths = sorted(p for p in Path(frames[0]).iterdir() if p.is_file())
-    imgs = [open_image(p) for p in paths]
-    for p, im in zip(paths, imgs):
-        if im.size != imgs[0].size:
-            raise ValueError(f"frame {p} is {im.width}x{im.height}, the first is {imgs[0].width}x{imgs[0].height}")
-    model = load_vqvae(ckpt, device)
-    tf = model.cfg.temporal_downsample_factor
-    if frames and (not imgs or len(imgs) % tf):
-        raise ValueError(f"got {len(imgs)} frames: need a positive multiple of {tf}")
-    x = torch.stack([preprocess(im, min_pixels, max_pixels, model.spatial_factor) for im in imgs])  # (T, 3, H, W)
-    x = x if image is not None else x[None]                               # image (1,3,H,W) or video (1,T,3,H,W)
-    with torch.no_grad():
-        codes = model.encode(x.to(device))
-        recon = model.decode(codes)
-    grid = "x".join(map(str, codes.shape[1:]))
-    print(f"grid {grid} (frames x h x w)" if codes.ndim == 4 else f"grid {grid} (h x w)", f"tokens {codes.numel()}")
-    if image is not None:
-        postprocess(recon[0]).save(out)
-        print(f"wrote {out}")
-    else:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        for i, frame in enumerate(recon[0]):
-            postprocess(frame).save(Path(out) / f"frame_{i:04d}.png")
-        print(f"wrote {recon.shape[1]} frames to {out}/")
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Tokenize an image or video with the Emu3 VQ-VAE and reconstruct it.")
-    p.add_argument("--ckpt", required=True, help="our checkpoint dir, an Emu3-VisionTokenizer dir, or an -hf dir")
-    p.add_argument("--image", default=None, help="input image file")
-    p.add_argument("--frames", nargs="+", default=None, help="video: frame files (a multiple of 4) or one folder of them")
-    p.add_argument("--out", default="recon.png", help="output image (image mode) or folder of frames (video mode)")
-    p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--min-pixels", type=int, default=512 * 512, help="resize so H*W >= this")
-    p.add_argument("--max-pixels", type=int, default=1024 * 1024, help="resize so H*W <= this")
-    args = p.parse_args()
-    try:
-        main(**vars(args))
-    except (ValueError, FileNotFoundError, OSError) as e:
-        sys.exit(f"error: {e}")

@@ -1,4 +1,4 @@
-"""Time image generation: ours (sample.generate_image_tokens) against transformers' recipe, in the same run.
+"""Time image generation: ours (generate.generate_image_tokens) against transformers' recipe, in the same run.
 
 python bench/bench_generate.py --threads 1                       # CPU fp32, dim 1024 x 4 layers, full vocab, 16x16 grid
 python bench/bench_generate.py --full --device cuda --dtype bfloat16   # Emu3-Gen 8.5B config, 90x90 grid, on a GPU
@@ -12,7 +12,7 @@ unconditional branch and a Python prefix function each step.
 Prints per implementation: ms per token (generation time / h*(w+1)+3 tokens, prefill included), seconds per image
 (token generation; the VQ decode is left out, it is the same work for both) and the achieved weight bandwidth:
 decoder weight bytes one step of the reference must read (embedding excluded) / step time. transformers' two
-passes read them twice, and ours reads only the grid window's rows of lm_head (sample.grid_window: 32776 of
+passes read them twice, and ours reads only the grid window's rows of lm_head (generate.grid_window: 32776 of
 184622), so this is a speed figure on a common scale, not what either one's hardware moved. On CUDA: peak memory too.
 """
 import argparse
@@ -24,11 +24,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import convert  # noqa: E402
-import sample  # noqa: E402
+import generate  # noqa: E402
 from emu3 import Emu3, Emu3Config  # noqa: E402
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from hf_tiny import prefix_fn  # noqa: E402  the Emu3 docs' prefix_allowed_tokens_fn, shared with the tests
+from generate import reference_grid_rule  # noqa: E402  the Emu3 docs' prefix_allowed_tokens_fn
 
 
 def build(cfg, device, dtype, seed):
@@ -48,7 +46,7 @@ def build(cfg, device, dtype, seed):
         hf = Emu3ForConditionalGeneration._from_config(
             HFConfig(text_config=text, vq_config=vq, vocabulary_map=vocab, image_token_id=151646), dtype=dtype)
     hf.eval()
-    sd = {k: v for k, v in hf.state_dict().items() if not k.startswith(convert.HF_VQ_PREFIXES)}
+    sd = {k: v for k, v in hf.state_dict().items() if not convert.HF_VQ_PREFIX.match(k)}
     with torch.device("meta"):
         ours = Emu3(cfg)
     ours.load_state_dict(convert.llm_from_hf(sd, cfg), strict=True, assign=True)  # the same tensors, no copy
@@ -96,8 +94,7 @@ def main(full, device, dtype, grid, dim, n_layers, repeat, compile, skip_hf, see
 
     def run_ours(hh, ww, s):
         c, n = prompts(cfg, hh, ww)
-        g = torch.Generator(device).manual_seed(s)
-        return sample.generate_image_tokens(ours, [c], [n], hh, ww, 3.0, 2048, 1.0, g, compile)
+        return generate.generate_image_tokens(ours, [c], [n], [(hh, ww)], 3.0, 2048, 1.0, s, compile)[0]
 
     def run_hf(hh, ww, s):
         c, n = prompts(cfg, hh, ww)
@@ -106,7 +103,7 @@ def main(full, device, dtype, grid, dim, n_layers, repeat, compile, skip_hf, see
             ids = torch.tensor([c], device=device)
             out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=2048,
                               guidance_scale=3.0, negative_prompt_ids=torch.tensor([n], device=device),
-                              prefix_allowed_tokens_fn=prefix_fn(hh, ww, cfg), max_new_tokens=hh * (ww + 1) + 3,
+                              prefix_allowed_tokens_fn=reference_grid_rule(hh, ww, cfg), max_new_tokens=hh * (ww + 1) + 3,
                               pad_token_id=cfg.pad_id, eos_token_id=cfg.eos_id)
         return out[:, len(c):]
 

@@ -1,11 +1,12 @@
-"""Peak memory of loading the decoder: convert.load_emu3 vs transformers' from_pretrained, same weights, same run.
+"""Peak memory of loading the decoder: checkpoint.load_emu3 (ours) and convert.load_emu3 (a transformers dir, converted
+in memory) vs transformers' from_pretrained, same weights, same run.
 
     python bench/mem_load.py [--workdir /tmp/emu3_mem_load]
 
 Writes one synthetic decoder twice (random weights): in our format (bf16, 2 shards) and as a transformers
 Emu3ForCausalLM checkpoint (fp32, 2 shards + index, config.json of model_type emu3_text_model). Each load runs in
 its own subprocess, which then reads every weight (so memory-mapped pages count) and reports its peak RSS
-(VmHWM); a bare `import torch, convert` subprocess gives the baseline. Loading should cost about the weights' size
+(VmHWM); a bare `import torch, checkpoint, convert` subprocess gives the baseline. Loading should cost about the weights' size
 once (meta device, memory-mapped safetensors, assign=True), not twice (random init, then copy).
 """
 import argparse
@@ -21,16 +22,25 @@ from safetensors.torch import save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import checkpoint  # noqa: E402
 import convert  # noqa: E402
 from emu3 import Emu3, Emu3Config  # noqa: E402
+from tokenizer import build_tokenizer  # noqa: E402
 
-# ~2.3 GB fp32 / 1.2 GB bf16
-CFG = Emu3Config(vocab_size=65536, dim=2048, n_layers=8, n_heads=16, n_kv_heads=4, ffn_dim=5632, max_seq_len=9216)
+# ~2.3 GB fp32 / 1.2 GB bf16; the token layout of the release over 256 byte tokens (visual tokens fill the rest)
+N_VISUAL = 65536 - 256 - 211
+TOKENIZER = build_tokenizer({bytes([b]): b for b in range(256)}, N_VISUAL)
+CFG = Emu3Config(vocab_size=65536, dim=2048, n_layers=8, n_heads=16, n_kv_heads=4, ffn_dim=5632, max_seq_len=9216,
+                 codebook_size=N_VISUAL, **{k: TOKENIZER.token_to_id(s) for k, s in dict(
+                     pad_id="<|endoftext|>", eol_id="<|extra_200|>", eof_id="<|extra_201|>", bos_id="<|extra_203|>",
+                     eos_id="<|extra_204|>", img_id="<|image token|>", boi_id="<|image start|>",
+                     eoi_id="<|image end|>", visual_offset="<|visual token 000000|>").items()})
 GB = 1024 ** 3
 
 CHILD = {
-    "baseline": "import torch, convert, emu3\nm = torch.nn.Linear(1, 1)\n",
-    "ours": "import torch, convert\nm, _ = convert.load_emu3({path!r}, 'cpu', torch.bfloat16)\n",
+    "baseline": "import torch, checkpoint, convert\nm = torch.nn.Linear(1, 1)\n",
+    "ours": "import torch, checkpoint\nm, _ = checkpoint.load_emu3({path!r}, 'cpu', torch.bfloat16)\n",
+    "ours_from_hf": "import torch, convert\nm, _ = convert.load_emu3({path!r}, 'cpu', torch.bfloat16)\n",
     "hf": "import torch\nfrom transformers.models.emu3 import Emu3ForCausalLM\n"
           "m = Emu3ForCausalLM.from_pretrained({path!r}, dtype=torch.bfloat16)\n",
 }
@@ -62,8 +72,9 @@ def write_checkpoints(workdir):
     from transformers.models.emu3 import Emu3TextConfig
     Emu3TextConfig(vocab_size=CFG.vocab_size, hidden_size=CFG.dim, intermediate_size=CFG.ffn_dim,
                    num_hidden_layers=CFG.n_layers, num_attention_heads=CFG.n_heads, num_key_value_heads=CFG.n_kv_heads,
-                   max_position_embeddings=CFG.max_seq_len, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                   architectures=["Emu3ForCausalLM"]).save_pretrained(hf)
+                   max_position_embeddings=CFG.max_seq_len, pad_token_id=CFG.pad_id, bos_token_id=CFG.bos_id,
+                   eos_token_id=CFG.eos_id, architectures=["Emu3ForCausalLM"]).save_pretrained(hf)
+    TOKENIZER.save(os.path.join(hf, "tokenizer.json"))  # a bare text model's image-token ids come from its tokenizer
     return ours, hf
 
 
@@ -81,14 +92,14 @@ def peak_rss(code):
 def main(workdir):
     shutil.rmtree(workdir, ignore_errors=True)
     ours, hf = write_checkpoints(workdir)
-    n_params = sum(math.prod(s) for s in convert.llm_shapes(CFG).values())
+    n_params = sum(math.prod(s) for s in checkpoint.shapes_of(Emu3, CFG).values())
     bf16 = 2 * n_params
     base = peak_rss(CHILD["baseline"])
-    rows = [("ours: load_emu3(our bf16 dir, bf16)", peak_rss(CHILD["ours"].format(path=ours))),
-            ("ours: load_emu3(transformers fp32 dir, bf16)", peak_rss(CHILD["ours"].format(path=hf))),
+    rows = [("ours: checkpoint.load_emu3(our bf16 dir, bf16)", peak_rss(CHILD["ours"].format(path=ours))),
+            ("ours: convert.load_emu3(transformers fp32 dir, bf16)", peak_rss(CHILD["ours_from_hf"].format(path=hf))),
             ("transformers: from_pretrained(fp32 dir, dtype=bf16)", peak_rss(CHILD["hf"].format(path=hf)))]
     print(f"weights: {n_params / 1e9:.2f} B params = {bf16 / GB:.2f} GB in bf16 ({2 * bf16 / GB:.2f} GB fp32 on disk)")
-    print(f"baseline (python + import torch, convert): peak RSS {base / GB:.2f} GB")
+    print(f"baseline (python + import torch, checkpoint, convert): peak RSS {base / GB:.2f} GB")
     for name, peak in rows:
         print(f"{name}: peak RSS {peak / GB:.2f} GB = baseline + {(peak - base) / GB:.2f} GB "
               f"= {(peak - base) / bf16:.2f} x bf16 weights")

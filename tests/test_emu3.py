@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import convert
 from emu3 import Emu3, Emu3Config
-from sample import cache_len
+from generate import cache_len
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "llm_tiny_original")
@@ -252,7 +252,7 @@ def test_cache_paths_match_full_forward():
         assert max_diff(torch.cat(chunks, 1), full) <= FP32_TOL
         m.setup_cache(2, 32)
         assert max_diff(m(ids, torch.arange(20), last_only=True), full[:, -1:]) <= FP32_TOL
-        # attention reading only the filled columns rounded up to buckets of 8 (sample.cache_len) changes nothing
+        # attention reading only the filled columns rounded up to buckets of 8 (generate.cache_len) changes nothing
         m.setup_cache(2, 32)
         steps = [m(ids[:, :6], torch.arange(6), kv_len=8)]
         steps += [m(ids[:, t:t + 1], torch.tensor([t]), kv_len=cache_len(t + 1, 32, 8)) for t in range(6, 20)]

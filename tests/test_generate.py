@@ -1,4 +1,4 @@
-"""Image generation (sample.py, "image generation" section) against transformers' generate, plus invariants.
+"""Image generation (generate.py, sample.images) against transformers' generate, plus invariants.
 
 Parity: a tiny random "-hf" checkpoint (tests/hf_tiny.py: full 184622 vocabulary, Qwen-BPE tokenizer, 8x VQ) runs
 transformers' recipe (reference §7.6: guidance_scale=3.0, negative_prompt_ids built WITH the image prefix,
@@ -18,14 +18,23 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import checkpoint
 import convert
+import generate
+import prompts
 import sample
 from emu3 import Emu3Config
-from hf_tiny import prefix_fn, write_hf_tiny
+from generate import reference_grid_rule as prefix_fn
+from hf_tiny import write_hf_tiny
 from vqvae import postprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_MARGIN = 1e-3  # greedy top-2 gap we require; fp32 CPU noise between the implementations is ~1e-5
+
+
+def gen_ids(tok, text, h, w):
+    """The ids of an Emu3-Gen prompt (prompts.gen_prompt) for an h x w grid."""
+    return prompts.encode(tok, prompts.gen_prompt(text, h, w))
 
 
 @pytest.fixture(scope="module")
@@ -44,31 +53,32 @@ def models(ckpt):
     hf_dir, ours_dir = ckpt
     hf = Emu3ForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
     processor = Emu3Processor.from_pretrained(hf_dir)
-    model, cfg = convert.load_emu3(ours_dir, "cpu", torch.float32)
-    return dict(hf=hf, processor=processor, model=model, cfg=cfg, vq=convert.load_vqvae(ours_dir),
-                tok=convert.load_tokenizer(ours_dir))
+    model, cfg = checkpoint.load_emu3(ours_dir, "cpu", torch.float32)
+    return dict(hf=hf, processor=processor, model=model, cfg=cfg, vq=checkpoint.load_vqvae(ours_dir),
+                tok=checkpoint.load_tokenizer(ours_dir))
 
 
-def ours_greedy(monkeypatch, model, cond, neg, h, w):
+def ours_greedy(monkeypatch, model, cond, neg, h, w, grids=None, **kw):
     """Our greedy generation, also returning the smallest top-2 gap of the scores it took an argmax of."""
-    gaps, real = [], sample.sample_token
+    gaps, real = [], generate.pick_image
 
-    def recording(scores, greedy, generator=None):
+    def recording(scores, greedy, seeds, positions, first_id):
         top2 = scores.topk(2, dim=-1).values
-        gaps.append((top2[:, 0] - top2[:, 1]).min().item())  # forced steps: 0 - (-inf) = inf
-        return real(scores, greedy, generator)
-    monkeypatch.setattr(sample, "sample_token", recording)
-    out = sample.generate_image_tokens(model, cond, neg, h, w, guidance=3.0, top_k=1)
-    monkeypatch.setattr(sample, "sample_token", real)
+        gaps.append((top2[..., 0] - top2[..., 1]).min().item())  # forced steps: 0 - (-inf) = inf
+        return real(scores, greedy, seeds, positions, first_id)
+    monkeypatch.setattr(generate, "pick_image", recording)
+    out, _ = generate.generate_image_tokens(model, cond, neg, grids or [(h, w)] * len(cond), guidance=3.0, top_k=1,
+                                            **kw)
+    monkeypatch.setattr(generate, "pick_image", real)
     return out, min(gaps)
 
 
 def hf_generate(m, texts, ratio, area, h, w):
     """transformers' recipe, greedy. Returns (prompt ids, negative ids, new tokens, PIL images)."""
     hf, processor, cfg = m["hf"], m["processor"], m["cfg"]
-    pos = processor(text=[t + sample.POSITIVE_PROMPT for t in texts], return_for_image_generation=True,
+    pos = processor(text=[t + prompts.POSITIVE_PROMPT for t in texts], return_for_image_generation=True,
                     ratio=ratio, image_area=area, padding=True, return_tensors="pt")
-    neg = processor(text=[sample.NEGATIVE_PROMPT] * len(texts), return_for_image_generation=True,
+    neg = processor(text=[prompts.NEGATIVE_PROMPT] * len(texts), return_for_image_generation=True,
                     ratio=ratio, image_area=area, padding=True, return_tensors="pt")
     assert pos["image_sizes"][0] == [h, w]
     n_new = h * (w + 1) + 3
@@ -87,7 +97,7 @@ def hf_generate(m, texts, ratio, area, h, w):
 
 
 def ours_images(m, tokens, h, w):
-    codes = sample.tokens_to_codes(tokens, h, w, m["cfg"])
+    codes = generate.tokens_to_codes(tokens, h, w, m["cfg"])
     with torch.no_grad():
         return [np.asarray(postprocess(x)) for x in m["vq"].decode(codes)]
 
@@ -99,12 +109,12 @@ def ours_images(m, tokens, h, w):
     ("1:1", 1024, ["a cat", "a very long prompt about a small dog running on a sunny beach"]),  # batch, padded
 ])
 def test_greedy_parity_with_transformers(models, monkeypatch, ratio, area, texts):
-    m, cfg = models, models["cfg"]
-    h, w = sample.generate_size(ratio, area)
+    m = models
+    h, w = prompts.generate_size(ratio, area)
     hf_pos, hf_neg, hf_new, hf_pils = hf_generate(m, texts, ratio, area, h, w)
     # our prompt building gives transformers' processor's ids, negative prompt included
-    cond = [sample.gen_prompt_ids(m["tok"], t + sample.POSITIVE_PROMPT, h, w, cfg) for t in texts]
-    neg = [sample.gen_prompt_ids(m["tok"], sample.NEGATIVE_PROMPT, h, w, cfg)] * len(texts)
+    cond = [gen_ids(m["tok"], t + prompts.POSITIVE_PROMPT, h, w) for t in texts]
+    neg = [gen_ids(m["tok"], prompts.NEGATIVE_PROMPT, h, w)] * len(texts)
     assert cond == hf_pos and neg == hf_neg
 
     out, margin = ours_greedy(monkeypatch, m["model"], cond, neg, h, w)
@@ -124,9 +134,8 @@ def test_one_batch_equals_two_passes(models, monkeypatch):
     m, cfg = models, models["cfg"]
     h, w = 3, 4
     tok = m["tok"]
-    cond = [sample.gen_prompt_ids(tok, t + sample.POSITIVE_PROMPT, h, w, cfg)
-            for t in ["a cat", "a long winding road through autumn hills"]]
-    neg = [sample.gen_prompt_ids(tok, "blurry", h, w, cfg)] * 2  # shorter than cond: its rows are padded too
+    cond = [gen_ids(tok, t + prompts.POSITIVE_PROMPT, h, w) for t in ["a cat", "a long winding road through autumn hills"]]
+    neg = [gen_ids(tok, "blurry", h, w)] * 2  # shorter than cond: its rows are padded too
     out, margin = ours_greedy(monkeypatch, m["model"], cond, neg, h, w)
     assert margin > MIN_MARGIN
 
@@ -141,8 +150,8 @@ def test_one_batch_equals_two_passes(models, monkeypatch):
         lu = mu(torch.tensor(neg), last_only=True)[:, -1]
         ref = []
         for i in range(n_new):
-            scores = sample.cfg_scores(lc, lu, 3.0)
-            scores = scores + sample.grid_mask(torch.tensor(i + 1), h, w, cfg, scores.shape[-1])
+            scores = generate.cfg_scores(lc, lu, 3.0)
+            scores = scores + generate.grid_mask(torch.tensor(i + 1), h, w, cfg, 0, scores.shape[-1])
             t = scores.argmax(-1)
             ref.append(t)
             lc = mc(t[:, None], input_pos=torch.tensor([Lc + i]), pad=pad_c)[:, -1]
@@ -153,13 +162,14 @@ def test_one_batch_equals_two_passes(models, monkeypatch):
 def test_compiled_step_matches_eager(models, monkeypatch):
     # the --compile fast path (torch.compile of image_scores; on a GPU also CUDA graphs) gives the eager tokens,
     # with attention's cache reads bounded in buckets of 8 columns so that kv_len takes several values
-    m, cfg = models, models["cfg"]
+    m = models
     h, w = 4, 5
-    cond = [sample.gen_prompt_ids(m["tok"], "a red fox" + sample.POSITIVE_PROMPT, h, w, cfg)]
-    neg = [sample.gen_prompt_ids(m["tok"], sample.NEGATIVE_PROMPT, h, w, cfg)]
-    real = sample.cache_len
-    monkeypatch.setattr(sample, "cache_len", lambda n, size: real(n, size, bucket=8))
-    run = lambda compile: sample.generate_image_tokens(m["model"], cond, neg, h, w, top_k=1, compile=compile)
+    cond = [gen_ids(m["tok"], "a red fox" + prompts.POSITIVE_PROMPT, h, w)]
+    neg = [gen_ids(m["tok"], prompts.NEGATIVE_PROMPT, h, w)]
+    real = generate.cache_len
+    monkeypatch.setattr(generate, "cache_len", lambda n, size: real(n, size, bucket=8))
+    run = lambda compile: generate.generate_image_tokens(m["model"], cond, neg, [(h, w)], top_k=1,
+                                                         compile_step=compile)[0]
     eager = run(False)
     torch._dynamo.reset()
     try:
@@ -169,14 +179,14 @@ def test_compiled_step_matches_eager(models, monkeypatch):
 
 
 def test_seed_reproducible_and_seed_dependent(models):
-    m, cfg = models, models["cfg"]
+    m = models
     h, w = 3, 3
-    cond = [sample.gen_prompt_ids(m["tok"], "a red fox" + sample.POSITIVE_PROMPT, h, w, cfg)]
-    neg = [sample.gen_prompt_ids(m["tok"], sample.NEGATIVE_PROMPT, h, w, cfg)]
+    cond = [gen_ids(m["tok"], "a red fox" + prompts.POSITIVE_PROMPT, h, w)]
+    neg = [gen_ids(m["tok"], prompts.NEGATIVE_PROMPT, h, w)]
     # a hot temperature: the tiny model's logits are spread wide on purpose (greedy margins), which leaves
     # plain sampling almost deterministic
-    run = lambda seed: sample.generate_image_tokens(m["model"], cond, neg, h, w, top_k=2048, temperature=100.0,
-                                                    generator=torch.Generator().manual_seed(seed))
+    run = lambda seed: generate.generate_image_tokens(m["model"], cond, neg, [(h, w)], top_k=2048, temperature=100.0,
+                                                      seed=seed)[0]
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
@@ -184,14 +194,14 @@ def test_seed_reproducible_and_seed_dependent(models):
 
 def test_cli_same_seed_same_image(ckpt, tmp_path):
     _, ours = ckpt
-    kw = dict(ckpt=ours, prompt=["a red fox"], negative_prompt=sample.NEGATIVE_PROMPT, ratio="4:3", area=1024,
-              guidance=3.0, top_k=2048, temperature=100.0, batch=2, seed=7, device="cpu", dtype="float32",
-              compile=False)
-    sample.image(out=str(tmp_path / "a.png"), **kw)
-    sample.image(out=str(tmp_path / "b.png"), **kw)
+    kw = dict(ckpt=ours, prompt=["a red fox"], negative_prompt=prompts.NEGATIVE_PROMPT, ratio=["4:3"], area=1024,
+              guidance=3.0, top_k=2048, temperature=100.0, batch=2, parallel=0, seed=7, device="cpu",
+              dtype="float32", threads=None, compile_step=False)
+    sample.run_image(out=str(tmp_path / "a.png"), **kw)
+    sample.run_image(out=str(tmp_path / "b.png"), **kw)
     from PIL import Image
     img = lambda name: np.asarray(Image.open(tmp_path / name))
-    h, w = sample.generate_size("4:3", 1024)
+    h, w = prompts.generate_size("4:3", 1024)
     assert img("a_0.png").shape == (8 * h, 8 * w, 3)
     assert np.array_equal(img("a_0.png"), img("b_0.png")) and np.array_equal(img("a_1.png"), img("b_1.png"))
     assert not np.array_equal(img("a_0.png"), img("a_1.png"))  # the batch's two samples differ
@@ -206,53 +216,44 @@ def test_generate_size_matches_processor(width, height, area):
     expected = Emu3Processor.calculate_generate_size(None, f"{width}:{height}", area, 8)
     if min(expected) < 1:
         with pytest.raises(ValueError, match="too small"):
-            sample.generate_size(f"{width}:{height}", area)
+            prompts.generate_size(f"{width}:{height}", area)
     else:
-        assert sample.generate_size(f"{width}:{height}", area) == expected
+        assert prompts.generate_size(f"{width}:{height}", area) == expected
 
 
 def test_generate_size_table():
     from transformers import Emu3Processor
     for ratio in ["1:1", "4:3", "16:9", "9:16", "3:2"]:
         for area in [518400, 262144]:
-            assert sample.generate_size(ratio, area) == Emu3Processor.calculate_generate_size(None, ratio, area, 8)
-    assert sample.generate_size("1:1", 518400) == (90, 90)
+            assert prompts.generate_size(ratio, area) == Emu3Processor.calculate_generate_size(None, ratio, area, 8)
+    assert prompts.generate_size("1:1", 518400) == (90, 90)
 
 
 @pytest.mark.parametrize("ratio", ["16x9", "0:1", "1:0", "-1:2", "a:b", "1:2:3", "", "1.5:1"])
 def test_generate_size_bad_ratio(ratio):
     with pytest.raises(ValueError, match="W:H"):
-        sample.generate_size(ratio, 518400)
+        prompts.generate_size(ratio, 518400)
 
 
 def test_generate_size_area_too_small():
     with pytest.raises(ValueError, match="too small"):
-        sample.generate_size("16:9", 10)
+        prompts.generate_size("16:9", 10)
 
 
 def test_area_too_large_for_positions():
     cfg = Emu3Config(dim=8, n_layers=1, n_heads=1, n_kv_heads=1, ffn_dim=8, max_seq_len=9216)
     fake = FakeModel(cfg, "normal", 0)
-    h, w = sample.generate_size("1:1", 1024 * 1024)  # 128x128 grid: 16515 tokens > 9216 positions
+    h, w = prompts.generate_size("1:1", 1024 * 1024)  # 128x128 grid: 16515 tokens > 9216 positions
     with pytest.raises(ValueError, match="positions"):
-        sample.generate_image_tokens(fake, [[cfg.bos_id, cfg.img_id]], [[cfg.bos_id, cfg.img_id]], h, w)
+        generate.generate_image_tokens(fake, [[cfg.bos_id, cfg.img_id]], [[cfg.bos_id, cfg.img_id]], [(h, w)])
 
 
 def test_cfg_formula():
     c, u = torch.randn(2, 50), torch.randn(2, 50)
     lc, lu = torch.log_softmax(c, -1), torch.log_softmax(u, -1)
-    torch.testing.assert_close(sample.cfg_scores(c, u, 3.0), 3.0 * (lc - lu) + lu)
-    torch.testing.assert_close(sample.cfg_scores(c, u, 1.0), lc)
-    assert sample.cfg_scores(c.bfloat16(), u.bfloat16(), 3.0).dtype == torch.float32
-
-
-def test_sampling_is_multinomial():
-    """Our sync-free sampler draws exactly what torch.multinomial draws from the same generator state."""
-    probs_src = torch.randn(4, 1000) * 3
-    ours = sample.sample_token(probs_src, False, torch.Generator().manual_seed(3))
-    ref = torch.multinomial(torch.softmax(probs_src, -1), 1, generator=torch.Generator().manual_seed(3))[:, 0]
-    assert torch.equal(ours, ref)
-    assert torch.equal(sample.sample_token(probs_src, True), probs_src.argmax(-1))
+    torch.testing.assert_close(generate.cfg_scores(c, u, 3.0), 3.0 * (lc - lu) + lu)
+    torch.testing.assert_close(generate.cfg_scores(c, u, 1.0), lc)
+    assert generate.cfg_scores(c.bfloat16(), u.bfloat16(), 3.0).dtype == torch.float32
 
 
 SMALL = Emu3Config(vocab_size=60, dim=8, n_layers=1, n_heads=1, n_kv_heads=1, ffn_dim=8, max_seq_len=4096,
@@ -270,7 +271,7 @@ def test_grid_mask_matches_prefix_fn(h, w, data):
     cfg, n = SMALL, h * (w + 1)
     fn = prefix_fn(h, w, cfg)
     offs = list(range(1, n + 3 * (w + 1) + 2))
-    mask = sample.grid_mask(torch.tensor(offs), h, w, cfg, cfg.vocab_size)  # (n_offs, V)
+    mask = generate.grid_mask(torch.tensor(offs), h, w, cfg, 0, cfg.vocab_size)  # (n_offs, V)
     prompt = data.draw(st.lists(st.sampled_from([8, 9, 50]), max_size=3))  # tokens before <|image token|>
     for off, row in zip(offs, mask):
         ids = torch.tensor(prompt + [cfg.img_id] + [cfg.visual_offset] * (off - 1))  # len(ids) - p == off
@@ -297,24 +298,24 @@ class FakeModel(torch.nn.Module):
         pass
 
     def forward(self, tokens, input_pos=None, pad=None, last_only=False, vocab=None, kv_len=None):
+        input_pos = torch.arange(tokens.shape[1]) if input_pos is None else input_pos  # unpadded prefill: from 0
         self.fed.append((tokens.clone(), input_pos.clone()))
         assert kv_len is None or kv_len > input_pos.max()  # attention must read every filled column
-        B, V = tokens.shape[0], self.cfg.vocab_size
-        x = torch.randn(B, 1, V, generator=self.g)
+        B, T, V = *tokens.shape, self.cfg.vocab_size
+        x = torch.randn(B, 1 if last_only else T, V, generator=self.g)
         if self.mode == "huge":
             x = x * 1e37
         elif self.mode == "tiny":
             x = x * 1e-38
         elif self.mode == "constant":
-            x = torch.zeros(B, 1, V)
+            x = torch.zeros_like(x)
         elif self.mode == "one":  # every token but one (random, usually not allowed) at -inf
-            keep = torch.randint(V, (B, 1, 1), generator=self.g)
-            x = torch.full((B, 1, V), float("-inf")).scatter(-1, keep, 0.0)
+            keep = torch.randint(V, (*x.shape[:2], 1), generator=self.g)
+            x = torch.full_like(x, float("-inf")).scatter(-1, keep, 0.0)
         elif self.mode == "wants_text":  # specials and text tokens far more likely than any visual token
             x[..., : self.cfg.visual_offset] += 1e4
             x[..., self.cfg.visual_offset + self.cfg.codebook_size:] += 1e4
-        x = x if vocab is None else x[..., vocab]
-        return x[:, -1:] if last_only else x
+        return x if vocab is None else x[..., vocab]
 
 
 def assert_grid(out, h, w, cfg):
@@ -337,23 +338,23 @@ def test_grid_property_any_logits(h, w, B, mode, guidance, top_k, temperature, s
     fake = FakeModel(cfg, mode, seed)
     cond = [[cfg.bos_id] + [8] * (b + 1) + [cfg.boi_id, 9, cfg.img_id] for b in range(B)]
     neg = [[cfg.bos_id, 9, cfg.boi_id, 9, cfg.img_id]] * B
-    out = sample.generate_image_tokens(fake, cond, neg, h, w, guidance, top_k, temperature,
-                                       torch.Generator().manual_seed(seed))
+    out, passes = generate.generate_image_tokens(fake, cond, neg, [(h, w)] * B, guidance, top_k, temperature, seed)
     assert_grid(out, h, w, cfg)
-    # the loop fed both halves the sampled token, one cache column after another, after one prefill
-    L = max(map(len, cond + neg))
-    assert torch.equal(fake.fed[0][1], torch.arange(L))
+    # the loop fed both halves the sampled token (the conditional rows alone at guidance 1: transformers adds no
+    # guidance there), one cache column after another, after one prefill
+    halves = 1 if guidance == 1 else 2
+    L = max(map(len, cond + (neg if halves == 2 else [])))
+    assert torch.equal(fake.fed[0][1], torch.arange(L)) and fake.fed[0][0].shape[0] == halves * B
     for i, (tokens, input_pos) in enumerate(fake.fed[1:]):
-        assert torch.equal(tokens[:, 0], out[:, i].repeat(2)) and input_pos.tolist() == [L + i]
-    assert len(fake.fed) == h * (w + 1) + 3
+        assert torch.equal(tokens[:, 0], out[:, i].repeat(halves)) and input_pos.tolist() == [L + i]
+    assert len(fake.fed) == passes == h * (w + 1) + 3
 
 
 def test_grid_property_full_vocab():
     cfg = Emu3Config(dim=8, n_layers=1, n_heads=1, n_kv_heads=1, ffn_dim=8)  # real ids, 184622 tokens
     for mode in ["normal", "wants_text", "one"]:
         fake = FakeModel(cfg, mode, 0)
-        out = sample.generate_image_tokens(fake, [[cfg.bos_id, cfg.img_id]], [[cfg.bos_id, cfg.img_id]], 2, 3,
-                                           generator=torch.Generator().manual_seed(0))
+        out, _ = generate.generate_image_tokens(fake, [[cfg.bos_id, cfg.img_id]], [[cfg.bos_id, cfg.img_id]], [(2, 3)])
         assert_grid(out, 2, 3, cfg)
 
 
@@ -363,7 +364,7 @@ def test_tokens_to_codes():
     codes = torch.randint(cfg.codebook_size, (2, h, w))
     rows = torch.cat([codes + cfg.visual_offset, torch.full((2, h, 1), cfg.eol_id)], -1).flatten(1)
     tokens = torch.cat([rows, torch.tensor([[cfg.eof_id, cfg.eoi_id, cfg.eos_id]] * 2)], 1)
-    assert torch.equal(sample.tokens_to_codes(tokens, h, w, cfg), codes)
+    assert torch.equal(generate.tokens_to_codes(tokens, h, w, cfg), codes)
 
 
 # ---- command line errors ----
@@ -380,7 +381,7 @@ def test_cli_bad_inputs(ckpt, tmp_path):
         (["--ckpt", ours, "--prompt", "a cat", "--area", "10"], "too small"),
         (["--ckpt", ours, "--prompt", "   "], "empty prompt"),
         (["--ckpt", ours, "--prompt", "a cat", "--area", str(2048 * 2048)], "positions"),  # tiny model: 2048
-        (["--ckpt", str(tmp_path / "missing"), "--prompt", "a cat"], "config.json"),
+        (["--ckpt", str(tmp_path / "missing"), "--prompt", "a cat"], "no checkpoint directory"),
     ]
     no_vq = tmp_path / "no_vq"
     no_vq.mkdir()

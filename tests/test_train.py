@@ -2,7 +2,7 @@
 
 Checks what the toy's scores rest on: the pixel checker reads every scene of the dataset right, the held-out split
 leaves every attribute value and every pair of values in training, the training sequences are exactly the layouts
-sample.py builds and constrains at inference, the toy tokenizer keeps the real special-token layout, training
+prompts.py builds and generate.py constrains at inference, the toy tokenizer keeps the real special-token layout, training
 resumes to the same weights, and the committed checkpoint runs through the unchanged `python sample.py`.
 """
 import itertools
@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-import sample
+import generate
+import prompts
 import train
 from emu3 import Emu3, Emu3Config
 
@@ -67,32 +68,32 @@ def test_tokenizer_keeps_the_real_special_layout(tok):
     assert (ids["eol_id"], ids["eof_id"], ids["bos_id"], ids["eos_id"]) == (n + 203, n + 204, n + 206, n + 207)
     assert (ids["img_id"], ids["boi_id"], ids["eoi_id"], ids["visual_offset"]) == (n + 208, n + 209, n + 210, n + 211)
     assert tok.get_vocab_size() == n + 211 + 512
-    for text in [train.caption(s) for s in train.ALL_SCENES[::17]] + [sample.NEGATIVE_PROMPT]:
+    for text in [train.caption(s) for s in train.ALL_SCENES[::17]] + [prompts.NEGATIVE_PROMPT]:
         assert tok.decode(tok.encode(text, add_special_tokens=False).ids) == text
 
 
 def test_gen_sequence_is_what_the_sampler_allows(tok):
-    # the image part of a training sequence, token by token, is the one layout sample.grid_mask permits
+    # the image part of a training sequence, token by token, is the one layout generate.grid_mask permits
     cfg = toy_cfg(tok)
     h, w = 3, 4
     codes = torch.randint(0, 512, (h, w), generator=torch.Generator().manual_seed(0))
-    text = train.caption(train.ALL_SCENES[5]) + sample.POSITIVE_PROMPT
+    text = train.caption(train.ALL_SCENES[5]) + prompts.POSITIVE_PROMPT
     ids, mask = train.gen_sequence(tok, cfg, text, codes)
-    prompt = sample.gen_prompt_ids(tok, text, h, w, cfg)
+    prompt = prompts.encode(tok, prompts.gen_prompt(text, h, w))
     assert ids[:len(prompt)] == prompt and mask == [0] * len(prompt) + [1] * (len(ids) - len(prompt))
     image = ids[len(prompt):]
     assert len(image) == h * (w + 1) + 3
     for i, t in enumerate(image):
-        allowed = sample.grid_mask(torch.tensor(i + 1), h, w, cfg, cfg.vocab_size) == 0
+        allowed = generate.grid_mask(torch.tensor(i + 1), h, w, cfg, 0, cfg.vocab_size) == 0
         assert allowed[t], (i, t)
-    assert sample.tokens_to_codes(torch.tensor(image)[None], h, w, cfg).equal(codes[None])
+    assert generate.tokens_to_codes(torch.tensor(image)[None], h, w, cfg).equal(codes[None])
 
 
 def test_chat_sequence_is_the_chat_prompt(tok):
     cfg = toy_cfg(tok)
     codes = torch.randint(0, 512, (2, 2), generator=torch.Generator().manual_seed(1))
     ids, mask = train.chat_sequence(tok, cfg, "What shape is this?", "It is a circle.", codes)
-    prompt = tok.encode(sample.chat_prompt("What shape is this?", codes), add_special_tokens=False).ids
+    prompt = tok.encode(prompts.chat_prompt("What shape is this?", codes), add_special_tokens=False).ids
     assert ids[:len(prompt)] == prompt and ids[-1] == cfg.eos_id
     assert tok.decode(ids[len(prompt):-1]) == " It is a circle." and sum(mask) == len(ids) - len(prompt)
 

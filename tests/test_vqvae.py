@@ -1,6 +1,7 @@
 """VQ-VAE tests: parity with transformers' Emu3VQVAE (random small configs and the full-size config), with the
 original BAAI code (fixture written by tests/fixtures/make_vq_fixture.py), image processor parity with
-transformers' Emu3ImageProcessor, checkpoint conversion/loading, and bad inputs."""
+transformers' Emu3ImageProcessor and with the original processor on transparent images (fixture written by
+tests/fixtures/make_rgba_fixture.py), checkpoint conversion/loading, `sample.py recon`, and bad inputs."""
 import copy
 import dataclasses
 import json
@@ -20,8 +21,15 @@ from transformers.models.emu3.image_processing_emu3 import Emu3ImageProcessor
 from transformers.models.emu3.image_processing_emu3 import smart_resize as hf_smart_resize
 from transformers.models.emu3.modeling_emu3 import Emu3VQVAE
 
-from convert import load_vqvae, vq_config_from_hf, vq_config_from_original, vq_from_hf, vq_from_original
+import configs
+import sample
+from convert import vq_config_from_hf, vq_config_from_original, vq_from_hf, vq_from_original
 from vqvae import VQ_TINY, VQVAE, VQConfig, postprocess, preprocess, smart_resize
+
+
+def load_vqvae(path):
+    """The VQ-VAE of any checkpoint directory, as sample.py loads it."""
+    return sample.load(str(path), "cpu", vq=True, decoder=False).vq
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -214,7 +222,8 @@ def test_preprocess_matches_transformers(h, ratio, mode, pixels, seed):
     image = make_image(np.random.default_rng(seed), h, w, mode)
     proc = Emu3ImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3, min_pixels=pixels[0], max_pixels=pixels[1])
     ref = proc(image, return_tensors="pt")["pixel_values"][0]
-    ours = preprocess(image, min_pixels=pixels[0], max_pixels=pixels[1])
+    # transformers 5 composites transparent images onto white ("white"); the original drops the alpha (see below)
+    ours = preprocess(image, min_pixels=pixels[0], max_pixels=pixels[1], transparency="white")
     assert ours.dtype == torch.float32 and ours.shape == ref.shape and torch.equal(ours, ref)
     # and back: the same uint8 image
     x = ours * 1.1 + 0.05 * torch.randn(ours.shape, generator=torch.Generator().manual_seed(seed))  # some out of range
@@ -263,12 +272,12 @@ def test_vq_from_hf_strict():
 
 def test_vq_configs():
     hf = hf_config(VQ_TINY).to_dict()
-    assert vq_config_from_hf(hf) == VQ_TINY and vq_config_from_hf({"vq_config": hf}) == VQ_TINY
-    assert vq_config_from_hf(Emu3VQVAEConfig().to_dict()) == VQConfig()
+    assert vq_config_from_hf(hf)[0] == VQ_TINY and vq_config_from_hf({"vq_config": hf})[0] == VQ_TINY
+    assert vq_config_from_hf(Emu3VQVAEConfig().to_dict())[0] == VQConfig()
     with open(os.path.join(FIXTURES, "vq_tiny_original", "config.json")) as f:
         orig = json.load(f)
-    assert vq_config_from_original(orig) == VQConfig(codebook_size=64, ch=32, ch_mult=(1, 1), num_res_blocks=1,
-                                                     attn_resolutions=(1,))
+    assert vq_config_from_original(orig)[0] == VQConfig(codebook_size=64, ch=32, ch_mult=(1, 1), num_res_blocks=1,
+                                                        attn_resolutions=(1,))
     with pytest.raises(ValueError, match="hidden_size"):
         vq_config_from_hf({**hf, "hidden_size": 32})
 
@@ -327,8 +336,8 @@ def test_bad_inputs(tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "vqvae.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "recon", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT)
 
 
 def test_cli(tmp_path):
@@ -351,3 +360,32 @@ def test_cli(tmp_path):
     # video: 3 frames is not a multiple of 4
     r = run_cli("--ckpt", ckpt, "--frames", good, good, good)
     assert r.returncode != 0 and "multiple of 4" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# ---- transparent images: the original processor (transformers 4.44) drops the alpha ----
+
+def fixture_image(fx, name):
+    """Rebuild the exact PIL image of a case of tests/fixtures/rgba_original.safetensors."""
+    x = fx[f"{name}.input"].numpy()
+    if f"{name}.palette" not in fx:
+        return Image.fromarray(x)  # (H,W,4) RGBA, (H,W,2) LA, (H,W,3) RGB
+    image = Image.frombytes("P", (x.shape[1], x.shape[0]), x.tobytes())
+    image.putpalette(bytes(fx[f"{name}.palette"].numpy()))
+    image.info["transparency"] = int(fx[f"{name}.transparency"][0])
+    return image
+
+
+def test_transparency_matches_the_original_processor():
+    # the fixture is the original Emu3VisionVQImageProcessor's output under transformers 4.44 (its convert_to_rgb is a
+    # plain convert("RGB")): "drop" reproduces it exactly; "white" (transformers 5) differs on every transparent case
+    fx = load_file(os.path.join(FIXTURES, "rgba_original.safetensors"))
+    names = sorted({k.split(".")[0] for k in fx})
+    assert names == ["la", "p", "rgb", "rgba", "rgba_up"]
+    for name in names:
+        image, ref = fixture_image(fx, name), fx[f"{name}.pixel_values"]
+        assert torch.equal(preprocess(image, 32 * 32, 64 * 64, transparency="drop"), ref), name
+        white = preprocess(image, 32 * 32, 64 * 64, transparency="white")
+        assert torch.equal(white, ref) == (name == "rgb"), name
+    # the default (ours, the toy) and an original release follow the original; an -hf release follows transformers 5
+    assert sample.ImageConfig().transparency == "drop"
+    assert configs.image_config(os.path.join(FIXTURES, "vq_tiny_original")).transparency == "drop"
