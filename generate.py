@@ -332,10 +332,9 @@ def generate_image_tokens(model, cond_ids, neg_ids, grids, guidance=3.0, top_k=2
     out[:, :1] = pick(scores, torch.zeros(1, dtype=torch.long, device=dev))
     t0, passes, a, guessed = time.perf_counter(), 1, 1, 1  # a: tokens accepted; out[:, :guessed] holds a token
     while a < n_new:
-        if N > 1 and guessed < a + N - 1:  # first guesses where no pass has predicted: the noise alone under the grid
-            positions = torch.arange(guessed, a + N - 1, device=dev)  # rule, a sample of uniform scores
-            out[:, guessed:a + N - 1] = pick(grid_mask(positions[None, :] + 1, h, w, cfg, first, scores.shape[-1]),
-                                             positions)
+        if N > 1 and guessed < a + N - 1:  # positions no pass has predicted yet get first guesses
+            positions = torch.arange(guessed, a + N - 1, device=dev)
+            out[:, guessed:a + N - 1] = first_guess(out, positions, pick, h, w, cfg, first, scores.shape[-1])
             guessed = a + N - 1
         # feed the last accepted token and N-1 guesses, at cache columns L+a-1 .. L+a+N-2
         window = out[:, a - 1:a - 1 + N]  # (B, N)
@@ -358,6 +357,12 @@ def generate_image_tokens(model, cond_ids, neg_ids, grids, guidance=3.0, top_k=2
         if progress is not None and (passes % 64 == 0 or a >= n_new):
             progress(min(a, n_new), n_new, passes, time.perf_counter() - t0)
     return out[:, :n_new], passes
+
+
+def first_guess(out, positions, pick, h, w, cfg, first, n_ids):
+    """Guesses (B, T) for positions no pass has predicted: the noise alone under the grid rule, i.e. the token a
+    sample of flat scores would be (bench/bench_parallel.py measures it against other choices)."""
+    return pick(grid_mask(positions[None, :] + 1, h, w, cfg, first, n_ids), positions)
 
 
 def tokens_to_codes(tokens, h, w, cfg):

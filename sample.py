@@ -210,6 +210,9 @@ def images(m, texts, ratios=("1:1",), *, negative_prompt=prompts.NEGATIVE_PROMPT
     """Text prompts -> (PIL images, decoder forward passes). ratios: one "W:H" for all, or one per prompt; image
     b is drawn with seed + b (so it equals generating it alone with that seed)."""
     check_image_args(texts, ratios, area, guidance, top_k, temperature, seed, parallel)
+    if m.vq.cfg.codebook_size != m.cfg.codebook_size:
+        raise ValueError(f"the VQ-VAE has {m.vq.cfg.codebook_size} codes and the decoder {m.cfg.codebook_size} "
+                         f"visual tokens: its images could not be decoded")
     ratios = list(ratios) * len(texts) if len(ratios) == 1 else list(ratios)
     grids = [prompts.generate_size(r, m.cfg.image_area if area is None else area) for r in ratios]
     cond = [prompts.encode(m.tokenizer, prompts.gen_prompt(t + prompts.POSITIVE_PROMPT, h, w))

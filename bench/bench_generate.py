@@ -3,13 +3,18 @@
 python bench/bench_generate.py --threads 1                       # CPU fp32, dim 1024 x 4 layers, full vocab, 16x16 grid
 python bench/bench_generate.py --full --device cuda --dtype bfloat16   # Emu3-Gen 8.5B config, 90x90 grid, on a GPU
 python bench/bench_generate.py --full --device cuda --dtype bfloat16 --compile   # + compiled decode step
+python bench/bench_generate.py --full --device cuda --dtype bfloat16 --compile --parallel 16   # + Jacobi windows
 
 Random weights, one set shared by both: ours aliases transformers' tensors (convert.llm_from_hf, assign=True).
 Ours: cond + uncond prompts as one 2-row batch, static KV cache, CFG / grid mask / top-k on the device.
 transformers: generate(do_sample=True, top_k=2048, guidance_scale=3.0, negative_prompt_ids (with the image
 prefix), prefix_allowed_tokens_fn = the Emu3 docs' grid rule) -- reference §7.6 -- a second model pass for the
 unconditional branch and a Python prefix function each step.
-Prints per implementation: ms per token (generation time / h*(w+1)+3 tokens, prefill included), seconds per image
+With --parallel N, ours also runs Jacobi decoding with windows of N (the same tokens, fewer forward passes). Random
+weights give a nearly flat next-token distribution, so the noise decides most tokens and guesses made from the
+noise alone are often right: how many tokens a pass accepts here says little about a trained model (see the
+README's toy figures); what this measures is the cost of a wider pass.
+Prints per implementation: forward passes, ms per token (generation time / h*(w+1)+3 tokens, prefill included), seconds per image
 (token generation; the VQ decode is left out, it is the same work for both) and the achieved weight bandwidth:
 decoder weight bytes one step of the reference must read (embedding excluded) / step time. transformers' two
 passes read them twice, and ours reads only the grid window's rows of lm_head (generate.grid_window: 32776 of
@@ -72,7 +77,7 @@ def timed(fn, device):
     return time.perf_counter() - t, out
 
 
-def main(full, device, dtype, grid, dim, n_layers, repeat, compile, skip_hf, seed, threads):
+def main(full, device, dtype, grid, dim, n_layers, repeat, compile, skip_hf, seed, threads, parallel):
     device, dtype = torch.device(device), getattr(torch, dtype)
     if threads:
         torch.set_num_threads(threads)
@@ -92,9 +97,9 @@ def main(full, device, dtype, grid, dim, n_layers, repeat, compile, skip_hf, see
           f"decoder weights read per step ({dtype}, {device}); grid {h}x{w} = {n_new} tokens, prompt {len(cond)}, "
           f"negative {len(neg)}; threads {torch.get_num_threads()}", flush=True)
 
-    def run_ours(hh, ww, s):
+    def run_ours(hh, ww, s, window=0):
         c, n = prompts(cfg, hh, ww)
-        return generate.generate_image_tokens(ours, [c], [n], [(hh, ww)], 3.0, 2048, 1.0, s, compile)[0]
+        return generate.generate_image_tokens(ours, [c], [n], [(hh, ww)], 3.0, 2048, 1.0, s, compile, window)
 
     def run_hf(hh, ww, s):
         c, n = prompts(cfg, hh, ww)
@@ -105,40 +110,52 @@ def main(full, device, dtype, grid, dim, n_layers, repeat, compile, skip_hf, see
                               guidance_scale=3.0, negative_prompt_ids=torch.tensor([n], device=device),
                               prefix_allowed_tokens_fn=reference_grid_rule(hh, ww, cfg), max_new_tokens=hh * (ww + 1) + 3,
                               pad_token_id=cfg.pad_id, eos_token_id=cfg.eos_id)
-        return out[:, len(c):]
+        return out[:, len(c):], n_new
 
     # warm-up (allocator, kernels; with --compile the same grid, since the compiled step is shape-specialised)
     run_ours(*((h, w) if compile else (2, 2)), seed)
+    if parallel:
+        run_ours(*((h, w) if compile else (2, 2)), seed, parallel)
     if not skip_hf:
         run_hf(2, 2, seed)
-    results = {"ours": [], "transformers": []}
-    for r in range(repeat):  # interleaved, so both see the same machine load
-        for name, fn in [("ours", run_ours), ("transformers", run_hf)]:
-            if name == "transformers" and skip_hf:
-                continue
-            dt, out = timed(lambda: fn(h, w, seed + r), device)
+    runs = [("ours", run_ours)] + ([(f"ours --parallel {parallel}", lambda *a: run_ours(*a, parallel))]
+                                   if parallel else []) + ([] if skip_hf else [("transformers", run_hf)])
+    results = {name: [] for name, _ in runs}
+    tokens = {}
+    for r in range(repeat):  # interleaved, so all see the same machine load
+        for name, fn in runs:
+            dt, (out, passes) = timed(lambda: fn(h, w, seed + r), device)
             assert out.shape == (1, n_new) and out[0, -1].item() == cfg.eos_id, f"{name}: malformed image tokens"
+            tokens.setdefault((name.startswith("ours"), r), []).append(out)
             mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-            results[name].append((dt, mem))
-            print(f"  run {r} {name}: {dt:.2f}s", flush=True)
-    print(f"{'':14s} {'ms/token':>9s} {'s/image':>9s} {'GB/s':>8s}" + ("  peak GiB" if device.type == "cuda" else ""))
+            results[name].append((dt, mem, passes))
+            print(f"  run {r} {name}: {dt:.2f}s, {passes} forward passes", flush=True)
+    if parallel:  # the same seed, the same image (fp32; bf16 may round a batched window differently)
+        same = all(torch.equal(*outs) for (mine, _), outs in tokens.items() if mine)
+        print(f"--parallel {parallel} tokens identical to the sequential ones: {same}")
+    print(f"{'':22s} {'passes':>7s} {'ms/token':>9s} {'s/image':>9s} {'GB/s':>8s}"
+          + ("  peak GiB" if device.type == "cuda" else ""))
     best = {}
-    for name, runs in results.items():
-        if not runs:
-            continue
-        dt, mem = min(runs)
+    for name, res in results.items():
+        dt, mem, passes = min(res)
         best[name] = dt
-        print(f"{name:14s} {dt / n_new * 1e3:9.1f} {dt:9.2f} {weight_bytes / (dt / n_new) / 1e9:8.2f}"
+        print(f"{name:22s} {passes:7d} {dt / n_new * 1e3:9.1f} {dt:9.2f} {weight_bytes / (dt / n_new) / 1e9:8.2f}"
               + (f"  {mem:8.2f}" if mem is not None else ""))
-    if len(best) == 2:
-        print(f"speed-up ours vs transformers: {best['transformers'] / best['ours']:.2f}x")
+    if "transformers" in best:
+        for name in best:
+            if name != "transformers":
+                print(f"speed-up {name} vs transformers: {best['transformers'] / best[name]:.2f}x")
+    if parallel:
+        name = f"ours --parallel {parallel}"
+        print(f"--parallel {parallel} vs sequential: {min(results['ours'])[2] / min(results[name])[2]:.2f}x fewer "
+              f"passes, {best['ours'] / best[name]:.2f}x the speed")
     # where a decode step goes: our decoder alone, the 2-row CFG batch against two 1-row passes (as transformers)
     with torch.no_grad():
         for rows in (2, 1):
             ours.setup_cache(rows, 64)
             x, pos = torch.full((rows, 1), cfg.visual_offset, device=device), torch.tensor([10], device=device)
-            ours(x, input_pos=pos, last_only=True)
-            dt = min(timed(lambda: ours(x, input_pos=pos, last_only=True), device)[0] for _ in range(3))
+            ours(x, input_pos=pos, last_only=True, kv_len=64)
+            dt = min(timed(lambda: ours(x, input_pos=pos, last_only=True, kv_len=64), device)[0] for _ in range(3))
             print(f"decoder forward alone, {rows} row(s): {dt * 1e3:.1f} ms" + (" (x2 for two passes)" if rows == 1 else ""))
 
 
@@ -154,6 +171,7 @@ if __name__ == "__main__":
     ap.add_argument("--compile", action="store_true", help="torch.compile our decode step (GPU fast path)")
     ap.add_argument("--skip-hf", action="store_true", help="time ours only")
     ap.add_argument("--seed", type=int, default=0, help="weights and sampling seed")
+    ap.add_argument("--parallel", type=int, default=0, help="also time ours with Jacobi windows of N tokens")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (1 on a shared machine: with busy cores, "
                                                                "every multi-threaded GEMM waits for a descheduled thread)")
     main(**vars(ap.parse_args()))

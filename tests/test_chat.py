@@ -8,6 +8,7 @@ tiny random -hf checkpoint (tests/hf_tiny.py, save_pretrained) --python convert.
 Every greedy step of the reference run must win by a margin far above float noise, and the answer must change with
 the question, the image and the RoPE base, so the comparison can fail.
 """
+import math
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 import checkpoint
@@ -228,3 +230,177 @@ def test_sampling_filters_match_transformers(seed):
     draw = lambda: generate.pick_text(logits, 1.0, 3, 0.9, torch.arange(3), position)
     assert torch.equal(draw(), draw())
     assert all(logits[b, draw()[b]] >= logits[b].topk(3).values[-1] for b in range(3))
+
+
+# ---- the GPU path, checked on the CPU: which attention calls run, how often the host waits, compiled == eager ----
+
+@pytest.fixture(scope="module")
+def loaded(tiny):
+    return sample.load(tiny.ours, "cpu", "float32")
+
+
+def test_no_attention_call_passes_a_mask_with_gqa(tiny, loaded, monkeypatch):
+    # flash takes no explicit mask and the memory-efficient kernel no GQA: a call with both can only run on cuDNN or
+    # the math fallback (fp32 scores of the whole prompt). Record every call of chat (an unpadded prompt, and a
+    # left-padded batch: prefill and decode) and of image generation (2B rows, padded)
+    import emu3
+    calls, real = [], emu3.F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **kw):
+        calls.append((attn_mask is not None, enable_gqa, is_causal, q.shape[2]))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa, **kw)
+    monkeypatch.setattr(emu3.F, "scaled_dot_product_attention", recording)
+    pictures = [Image.open(p) for p in tiny.images]
+    sample.chat(loaded, [Q2], max_new_tokens=4)
+    sample.chat(loaded, [Q1, Q3], pictures, max_new_tokens=4, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    grid, texts = [(3, 4)] * 2, ["a red fox", "a long prompt about a lighthouse at dusk"]
+    cond = [prompts.encode(loaded.tokenizer, prompts.gen_prompt(t, 3, 4)) for t in texts]
+    neg = [prompts.encode(loaded.tokenizer, prompts.gen_prompt(prompts.NEGATIVE_PROMPT, 3, 4))] * 2
+    generate.generate_image_tokens(loaded.model, cond, neg, grid)
+    generate.generate_image_tokens(loaded.model, cond, neg, grid, parallel=4)
+    assert len(calls) > 50
+    assert not [c for c in calls if c[0] and c[1]], "a call passed attn_mask together with enable_gqa=True"
+    assert any(c[2] and not c[0] for c in calls)  # the unpadded prefill: causal, no mask
+    assert any(c[0] and not c[1] for c in calls)  # padded prefill and decode: the mask over folded query heads
+
+
+def test_chat_decoding_waits_for_the_device_once_per_check(loaded, monkeypatch):
+    # the decode loop reads tokens back once every CHECK_EVERY steps, not 4 times a token
+    waits = []
+    for name in ("item", "tolist", "__bool__", "nonzero", "__int__", "__float__", "cpu", "numpy"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k:
+                            (waits.append(_name), _real(self, *a, **k))[1])
+    tok, cfg = loaded.tokenizer, loaded.cfg
+    ids = [prompts.encode(tok, prompts.chat_prompt(q)) for q in (Q2, Q3)]
+    seeds = torch.arange(2)
+    for pick in (None, lambda logits, pos: generate.pick_text(logits, 1.0, 50, 0.9, seeds, pos)):
+        waits.clear()
+        out = generate.generate_text(loaded.model, ids, N_NEW, cfg.eos_id, cfg.pad_id, pick, check_every=8)
+        steps = max(len(o) for o in out)
+        assert waits and set(waits) == {"tolist"}
+        assert len(waits) <= math.ceil(N_NEW / 8) and len(waits) <= steps // 8 + 1, (waits, steps)
+
+
+def test_compiled_chat_step_matches_eager(loaded):
+    tok, cfg = loaded.tokenizer, loaded.cfg
+    ids = [prompts.encode(tok, prompts.chat_prompt(q)) for q in (Q2, Q3)]
+    run = lambda c: generate.generate_text(loaded.model, ids, 12, cfg.eos_id, cfg.pad_id, compile_step=c)
+    eager = run(False)
+    torch._dynamo.reset()
+    try:
+        assert run(True) == eager
+    finally:
+        torch._dynamo.reset()
+
+
+# ---- every chat form transformers allows ----
+
+def hf_generate_text(ref, text, images, n=N_NEW):
+    """transformers' processor on a raw text (it prepends BOS, expands each <image>) -> greedy answer, min gap."""
+    inputs = ref.processor(images=images or None, text=[text], return_tensors="pt")
+    with torch.no_grad():
+        out = ref.model.generate(**inputs, max_new_tokens=n, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True)
+    new = out.sequences[0, inputs["input_ids"].shape[1]:]
+    top2 = torch.stack(out.scores, 1)[0].float().topk(2, dim=-1).values
+    eos = ref.model.generation_config.eos_token_id
+    live = torch.cumsum(torch.cumsum(new == eos, 0), 0) <= 1
+    return ref.processor.decode(new, skip_special_tokens=True), (top2[:, 0] - top2[:, 1])[live].min().item()
+
+
+@pytest.fixture(scope="session")
+def third_image(tiny):
+    """A third picture of another size (64x48 -> an 8x6 grid) and a copy of the first one's size."""
+    rng = np.random.default_rng(1)
+    paths = []
+    for name, (h, w) in (("c.png", (64, 48)), ("d.png", (40, 56))):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tiny.dir / name)
+        paths.append(str(tiny.dir / name))
+    return paths
+
+
+@pytest.mark.parametrize("text, n_images", [
+    ("Compare <image> with <image> and tell which one is brighter", 2),  # two images, text between and after
+    ("What do you see in this image?<image>", 1),  # the documented example: the image last
+])
+def test_raw_prompt_matches_transformers(tiny, ref, third_image, text, n_images):
+    images = [tiny.images[0], third_image[1]][:n_images]  # equal sizes: transformers would pad unequal ones
+    expected, gap = hf_generate_text(ref, text, [Image.open(p) for p in images])
+    assert gap > MIN_GAP
+    args = ["--raw", "--prompt", text] + [a for p in images for a in ("--image", p)]
+    r = run("sample.py", "chat", "--ckpt", tiny.ours, "--dtype", "float32", "--device", "cpu", "--max-new-tokens",
+            str(N_NEW), "--min-pixels", str(MIN_PIXELS), "--max-pixels", str(MAX_PIXELS), *args)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected + "\n"
+
+
+def conversation(image_a, image_b):
+    return [{"role": "system", "content": [{"type": "text", "text": "You are a careful assistant."}]},
+            {"role": "user", "content": [{"type": "image", "path": image_a},
+                                         {"type": "text", "text": "What is in this picture?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Mostly noise, in many colours."}]},
+            {"role": "user", "content": [{"type": "text", "text": "And here?"}, {"type": "image", "path": image_b}]}]
+
+
+def test_conversation_matches_transformers(tiny, ref, third_image, tmp_path):
+    import json
+    conv = conversation(tiny.images[0], third_image[1])
+    text = ref.processor.apply_chat_template(conv, add_generation_prompt=True)
+    assert text == prompts.render_messages(prompts.check_messages(conv))
+    expected, gap = hf_generate_text(ref, text, [Image.open(tiny.images[0]), Image.open(third_image[1])])
+    assert gap > MIN_GAP
+    (tmp_path / "conv.json").write_text(json.dumps(conv))
+    r = run("sample.py", "chat", "--ckpt", tiny.ours, "--dtype", "float32", "--device", "cpu", "--max-new-tokens",
+            str(N_NEW), "--min-pixels", str(MIN_PIXELS), "--max-pixels", str(MAX_PIXELS),
+            "--messages", str(tmp_path / "conv.json"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected + "\n"
+    # from Python: the same conversation with PIL images, and --system for the default template
+    m = sample.load(tiny.ours, "cpu", "float32")
+    pil = [dict(msg, content=[dict(p, image=Image.open(p["path"])) if p["type"] == "image" else p
+                              for p in msg["content"]]) for msg in conv]
+    assert sample.chat(m, messages=[pil], max_new_tokens=N_NEW) == [expected]
+    assert prompts.chat_prompt("Hi", None, "Be brief.") == f"{prompts.BOS}Be brief. USER: Hi. ASSISTANT:"
+
+
+def test_batch_of_images_of_different_sizes(tiny, ref, third_image):
+    # each image is tokenized alone, as the original does: each answer equals that prompt's answer alone
+    # (transformers pads a batch's images to the largest, so its own batch would differ: compare with it per prompt)
+    pairs = [(Q1, tiny.images[0]), (Q3, third_image[0])]
+    expected = []
+    for q, p in pairs:
+        answer, gap = hf_chat(ref, [q], [p])
+        assert gap > MIN_GAP
+        expected += answer
+    r = our_chat(tiny, [q for q, _ in pairs], [p for _, p in pairs])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "".join(a + "\n" for a in expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(prompts.ROLES), st.lists(
+    st.one_of(st.builds(lambda t: {"type": "text", "text": t}, st.text(max_size=12)),
+              st.just({"type": "image"})), min_size=1, max_size=4)), min_size=1, max_size=5))
+def test_template_rendering_matches_transformers(ref, messages):
+    conv = [{"role": role, "content": content} for role, content in messages]
+    assert prompts.render_messages(prompts.check_messages(conv)) == \
+        ref.processor.apply_chat_template(conv, add_generation_prompt=True)
+
+
+def test_chat_forms_bad_input(tiny, tmp_path):
+    import json
+    cases = [({"role": "robot", "content": [{"type": "text", "text": "hi"}]}, "role 'robot'"),
+             ({"role": "user"}, "has no content"),
+             ({"role": "user", "content": [{"type": "image", "path": "nope.png"}]}, "no image file"),
+             ({"role": "user", "content": [{"type": "video"}]}, "content part")]
+    for i, (message, words) in enumerate(cases):
+        (tmp_path / f"{i}.json").write_text(json.dumps([message]))
+        r = run("sample.py", "chat", "--ckpt", tiny.ours, "--messages", str(tmp_path / f"{i}.json"))
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+        assert "loaded" not in r.stderr
+    r = run("sample.py", "chat", "--ckpt", tiny.ours, "--messages", str(tmp_path / "0.json"), "--prompt", "hi")
+    assert r.returncode == 1 and "--messages takes the whole conversation" in r.stderr
+    r = run("sample.py", "chat", "--ckpt", tiny.ours, "--raw", "--prompt", "<image> and <image>", "--image",
+            tiny.images[0])
+    assert r.returncode == 1 and "2 <image> and 1 images" in r.stderr and r.stderr.count("\n") == 1

@@ -115,8 +115,10 @@ def test_parity_hf_bf16():
 
 
 def test_parity_hf_left_padding():
-    # HF with a left-padded attention_mask (positions = cumsum(mask) - 1) vs our `pad`
-    cfg = small_cfg()
+    # HF with a left-padded attention_mask and the position ids its generate passes (cumsum(mask) - 1, padding
+    # columns set to 1) vs our `pad`. RoPE depends only on distances, so a wrong position (c instead of c - pad)
+    # moves fp32 logits by ~1e-6 only: the bf16 comparison, exact against HF's sdpa path, is the one that catches it
+    cfg = small_cfg(dim=128, n_layers=3, n_heads=8, n_kv_heads=2, ffn_dim=256)
     hf, ours = hf_pair(cfg, seed=2)
     lens = [13, 7, 10]
     T = max(lens)
@@ -125,9 +127,16 @@ def test_parity_hf_left_padding():
     pad = torch.tensor([T - n for n in lens])
     mask = (torch.arange(T)[None] >= pad[:, None]).long()
     ids = ids.masked_fill(mask == 0, 0)
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    valid = mask.bool()
     with torch.no_grad():
-        ref, out = hf(ids, attention_mask=mask).logits, ours(ids, pad=pad)
-    assert max_diff(out[mask.bool()], ref[mask.bool()]) <= FP32_TOL
+        ref, out = hf(ids, attention_mask=mask, position_ids=position_ids).logits, ours(ids, pad=pad)
+        assert max_diff(out[valid], ref[valid]) <= FP32_TOL
+        hf16 = hf_causal_lm(cfg, hf.state_dict(), torch.bfloat16, "sdpa")
+        ref16 = hf16(ids, attention_mask=mask, position_ids=position_ids).logits.float()
+        out16 = copy.deepcopy(ours).to(torch.bfloat16)(ids, pad=pad)
+    assert ref16.abs().max() > 1.0
+    assert max_diff(out16[valid], ref16[valid]) == 0.0  # same kernel, same op order: identical
 
 
 def test_parity_hf_image_inputs():

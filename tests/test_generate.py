@@ -67,13 +67,13 @@ def ours_greedy(monkeypatch, model, cond, neg, h, w, grids=None, **kw):
         gaps.append((top2[..., 0] - top2[..., 1]).min().item())  # forced steps: 0 - (-inf) = inf
         return real(scores, greedy, seeds, positions, first_id)
     monkeypatch.setattr(generate, "pick_image", recording)
-    out, _ = generate.generate_image_tokens(model, cond, neg, grids or [(h, w)] * len(cond), guidance=3.0, top_k=1,
-                                            **kw)
+    kw = dict(guidance=3.0) | kw
+    out, _ = generate.generate_image_tokens(model, cond, neg, grids or [(h, w)] * len(cond), top_k=1, **kw)
     monkeypatch.setattr(generate, "pick_image", real)
     return out, min(gaps)
 
 
-def hf_generate(m, texts, ratio, area, h, w):
+def hf_generate(m, texts, ratio, area, h, w, guidance=3.0):
     """transformers' recipe, greedy. Returns (prompt ids, negative ids, new tokens, PIL images)."""
     hf, processor, cfg = m["hf"], m["processor"], m["cfg"]
     pos = processor(text=[t + prompts.POSITIVE_PROMPT for t in texts], return_for_image_generation=True,
@@ -84,7 +84,7 @@ def hf_generate(m, texts, ratio, area, h, w):
     n_new = h * (w + 1) + 3
     with torch.no_grad():
         out = hf.generate(input_ids=pos["input_ids"], attention_mask=pos["attention_mask"], do_sample=False,
-                          guidance_scale=3.0, negative_prompt_ids=neg["input_ids"],
+                          guidance_scale=guidance, negative_prompt_ids=neg["input_ids"],
                           negative_prompt_attention_mask=neg["attention_mask"],
                           prefix_allowed_tokens_fn=prefix_fn(h, w, cfg), max_new_tokens=n_new,
                           pad_token_id=cfg.pad_id, eos_token_id=cfg.eos_id)
@@ -127,6 +127,18 @@ def test_greedy_parity_with_transformers(models, monkeypatch, ratio, area, texts
         assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
     if len(texts) == 2:  # the answer depends on the prompt: different prompts, different grids
         assert not torch.equal(out[0], out[1])
+
+
+def test_guidance_one_is_the_conditional_model(models, monkeypatch):
+    # transformers adds no guidance at scale 1 (no CFG processor, no negative pass): ours runs the cond rows alone
+    m, texts = models, ["a red fox in the snow", "a lighthouse at dusk"]
+    h, w = prompts.generate_size("1:1", 1024)
+    hf_pos, _, hf_new, _ = hf_generate(m, texts, "1:1", 1024, h, w, guidance=1.0)
+    fed, real = [], m["model"].forward
+    monkeypatch.setattr(m["model"], "forward", lambda tokens, *a, **k: (fed.append(tokens.shape[0]), real(tokens, *a, **k))[1])
+    out, margin = ours_greedy(monkeypatch, m["model"], hf_pos, hf_pos, h, w, guidance=1.0)
+    assert margin > MIN_MARGIN and torch.equal(out, hf_new)
+    assert set(fed) == {2}  # B rows, never 2B
 
 
 def test_one_batch_equals_two_passes(models, monkeypatch):
@@ -391,3 +403,45 @@ def test_cli_bad_inputs(ckpt, tmp_path):
         r = run_cli(*args)
         assert r.returncode != 0 and message in r.stderr, (args, r.stderr)
         assert r.stderr.strip().count("\n") == 0, r.stderr  # one line, no traceback
+
+
+def test_second_image_reuses_the_cache(models):
+    # the static KV cache is kept between calls (its storage, and so any CUDA graph recorded over it) and
+    # reallocated only when a call needs more rows or columns
+    m = models
+    model = copy.deepcopy(m["model"])
+    for layer in model.layers:  # no cache left from other tests
+        layer.attn.cache = None
+    prompt = lambda t, h, w: gen_ids(m["tok"], t, h, w)
+    run = lambda texts, h, w: generate.generate_image_tokens(
+        model, [prompt(t, h, w) for t in texts], [prompt(prompts.NEGATIVE_PROMPT, h, w)] * len(texts), [(h, w)] * len(texts))
+    first = run(["a red fox"], 4, 5)[0]
+    storage = [layer.attn.cache.k.data_ptr() for layer in model.layers]
+    assert torch.equal(run(["a red fox"], 4, 5)[0], first)  # stale columns change nothing
+    run(["a cat on a mat"], 3, 3)  # a smaller image
+    assert [layer.attn.cache.k.data_ptr() for layer in model.layers] == storage
+    run(["a cat", "a dog"], 4, 5)  # more rows: a new cache
+    assert [layer.attn.cache.k.data_ptr() for layer in model.layers] != storage
+    assert model.layers[0].attn.cache.k.shape[2] % generate.BUCKET == 0  # columns rounded up to the bucket
+
+
+def test_a_ratio_per_prompt(models, monkeypatch):
+    # one batch, a grid per prompt (as the original's batched generation allows): each row is what that prompt
+    # gives alone (greedy, fp32); rows with smaller grids finish earlier and wait with PAD
+    m = models
+    ratios, texts = ["1:1", "16:9", "9:16"], ["a red fox in the snow", "a lighthouse at dusk", "an old sailor"]
+    grids = [prompts.generate_size(r, 1024) for r in ratios]
+    assert len(set(grids)) == 3
+    cond = [gen_ids(m["tok"], t + prompts.POSITIVE_PROMPT, h, w) for t, (h, w) in zip(texts, grids)]
+    neg = [gen_ids(m["tok"], prompts.NEGATIVE_PROMPT, h, w) for h, w in grids]
+    batch, margin = ours_greedy(monkeypatch, m["model"], cond, neg, None, None, grids=grids)
+    assert margin > MIN_MARGIN
+    for b, (h, w) in enumerate(grids):
+        alone, margin = ours_greedy(monkeypatch, m["model"], cond[b:b + 1], neg[b:b + 1], h, w)
+        assert margin > MIN_MARGIN
+        n = h * (w + 1) + 3
+        assert torch.equal(batch[b, :n], alone[0]) and (batch[b, n:] == m["cfg"].pad_id).all()
+    # through the Python API: one PIL image per prompt, each of its own size
+    loaded = sample.Loaded(m["model"], m["cfg"], m["vq"], m["tok"], sample.ImageConfig())
+    pictures, _ = sample.images(loaded, texts, ratios, area=1024, top_k=1)
+    assert [p.size for p in pictures] == [(8 * w, 8 * h) for h, w in grids]
