@@ -31,6 +31,7 @@ from vqvae import VQVAE, ImageConfig, VQConfig
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 SECTIONS = {"emu3": Emu3Config, "vqvae": VQConfig, "image": ImageConfig}
 OTHER_SECTIONS = ("source", "training")  # records, read by people and logs, not by the models
+RENAMED = {"img_id": "wrapper_id"}  # fields of directories written by earlier versions
 
 
 # ---- small checks shared by every loader ----
@@ -143,6 +144,7 @@ def read_config(path):
             continue
         if name not in SECTIONS:
             raise ValueError(f"{file}: unknown section {name!r}")
+        value = {RENAMED.get(k, k): v for k, v in value.items()}
         fields = {f.name for f in dataclasses.fields(SECTIONS[name])}
         unknown = sorted(set(value) - fields)
         if unknown:
@@ -223,18 +225,21 @@ def save(out, cfg=None, shards=(), vq=None, tokenizer=None, image=None, overwrit
         if cfg is not None:
             conf["emu3"] = config_dict(cfg)
             want, seen, n = shapes_of(Emu3, cfg), set(), 0
-            for n, shard in enumerate(shards, 1):
+            for shard in shards:  # (not enumerate: its reused result tuple would keep the last shard alive)
+                n += 1
                 check_tensors(shard, want, "LLM", complete=False)  # extra / misshapen keys, named
                 if seen & shard.keys():
                     raise ValueError(f"LLM key {sorted(seen & shard.keys())[0]!r} appears twice")
                 seen |= shard.keys()
                 save_file({k: v.contiguous() for k, v in shard.items()}, os.path.join(tmp, f"part-{n:05d}"),
                           {"format": "pt"})
+                del shard  # before the next one is read
             missing = [k for k in want if k not in seen]
             if missing:
                 raise ValueError(f"missing LLM key {missing[0]!r} ({len(missing)} missing)")
             for i in range(1, n + 1):  # the final names, now that the count is known
-                os.rename(os.path.join(tmp, f"part-{i:05d}"), os.path.join(tmp, f"model-{i:05d}-of-{n:05d}.safetensors"))
+                os.rename(os.path.join(tmp, f"part-{i:05d}"),
+                          os.path.join(tmp, f"model-{i:05d}-of-{n:05d}.safetensors"))
         if vq is not None:
             conf["vqvae"] = config_dict(vq.cfg)
             save_file({k: v.float().contiguous() for k, v in vq.state_dict().items()},

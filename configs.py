@@ -69,7 +69,7 @@ ORIGINAL_LLM = Fields(
           "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "intermediate_size": "ffn_dim",
           "rope_theta": "rope_theta", "rms_norm_eps": "norm_eps", "max_position_embeddings": "max_seq_len",
           "image_area": "image_area", **IDS, "eol_token_id": "eol_id", "eof_token_id": "eof_id",
-          "img_token_id": "img_id", "boi_token_id": "boi_id", "eoi_token_id": "eoi_id"},
+          "img_token_id": "wrapper_id", "boi_token_id": "boi_id", "eoi_token_id": "eoi_id"},
     fixed={"hidden_act": ("silu",), "rope_scaling": DEFAULT_ROPE, "tie_word_embeddings": (False,),
            "pretraining_tp": (1,), "attention_bias": (False,), "mlp_bias": (False,)},
     inert=INERT)
@@ -113,7 +113,7 @@ def translate(conf, fields, where):
 
 
 REQUIRED = ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len", "pad_id", "bos_id", "eos_id",
-            "eol_id", "eof_id", "img_id", "boi_id", "eoi_id")  # no default would be right for these
+            "eol_id", "eof_id", "wrapper_id", "boi_id", "eoi_id")  # no default would be right for these
 
 
 def model_cfg(kw, where, fields):
@@ -148,11 +148,12 @@ def emu3_config_from_original(c, where="config.json"):
     return model_cfg(kw, where, ORIGINAL_LLM), checked
 
 
-def emu3_config_from_hf(c, image_area=518400, where="config.json"):
+def emu3_config_from_hf(c, image_area=518400, where="config.json", vocabulary=None):
     """transformers config.json (Emu3ForConditionalGeneration or a bare text config) -> (Emu3Config, checked).
 
-    The special ids come from vocabulary_map by their strings (transformers keeps only pad/bos/eos in text_config);
-    there is no image_area in an -hf config: generated images default to transformers' processor's 518400 (720x720).
+    The special ids come from vocabulary_map by their strings (transformers keeps only pad/bos/eos in text_config;
+    a bare text model's come from its tokenizer: `vocabulary`); there is no image_area in an -hf config: generated
+    images default to transformers' processor's 518400 (720x720).
     """
     checked = HF_TOP.check(c, where) if "text_config" in c else {}
     t = c.get("text_config", c)
@@ -163,9 +164,9 @@ def emu3_config_from_hf(c, image_area=518400, where="config.json"):
         raise ValueError(f"{where}: text_config.rope_parameters = {json.dumps(rope)} is not implemented here "
                          f"(only the default RoPE)")
     kw["rope_theta"] = float(rope.get("rope_theta", t.get("rope_theta", 1e6)))
-    vocab = c.get("vocabulary_map", {})
+    vocab = vocabulary or c.get("vocabulary_map", {})
     visual = [i for name, i in vocab.items() if name.startswith("<|visual token")]
-    named = {"eol_id": "<|extra_200|>", "eof_id": "<|extra_201|>", "img_id": "<|image token|>",
+    named = {"eol_id": "<|extra_200|>", "eof_id": "<|extra_201|>", "wrapper_id": "<|image token|>",
              "boi_id": "<|image start|>", "eoi_id": "<|image end|>"}
     kw |= {f: vocab[name] for f, name in named.items() if name in vocab}
     if visual:
@@ -223,7 +224,7 @@ def image_config(path, transparency=None):
 # ---- which release a directory holds ----
 
 def source_format(path):
-    """'hf' (transformers), 'original' (BAAI LLM), 'original-vq' (BAAI vision tokenizer), by config.json's model_type."""
+    """'hf' (transformers), 'original' (BAAI LLM) or 'original-vq' (BAAI vision tokenizer): config.json's model_type."""
     conf = read_json(os.path.join(checkpoint.checkpoint_dir(path), "config.json"))
     kind = {"emu3": "hf", "emu3_text_model": "hf", "Emu3": "original", "Emu3VisionVQ": "original-vq"}
     if not isinstance(conf, dict) or conf.get("model_type") not in kind:
@@ -242,7 +243,8 @@ def emu3_config(path, image_area=None):
         if not os.path.isfile(tokenizer_file):
             raise ValueError(f"{file} has no vocabulary_map and {path} no tokenizer.json: nothing says which ids the "
                              f"image tokens have")
-        conf = conf | {"vocabulary_map": checkpoint.load_tokenizer(tokenizer_file).get_vocab()}
+        vocabulary = checkpoint.load_tokenizer(tokenizer_file).get_vocab()
+        return emu3_config_from_hf(conf, image_area or 518400, file, vocabulary)
     if fmt == "hf":
         return emu3_config_from_hf(conf, image_area or 518400, file)
     if fmt == "original-vq":
@@ -272,4 +274,5 @@ def source_dtype(path, files):
     if name:
         return parse_dtype(name)
     with safe_open(files[0], "pt") as f:
-        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[f.get_slice(f.keys()[0]).get_dtype()]
+        stored = f.get_slice(f.keys()[0]).get_dtype()
+    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[stored]

@@ -1,16 +1,17 @@
 """Convert the released Emu3 checkpoints into our directory format (checkpoint.py), refusing what we do not implement.
 
-    source directory                        -> rename table              -> strict checks (configs.py,       -> ours
-                                                                            tokenizer.py, here)
-    original Emu3-Gen / Emu3-Chat / -Stage1    LLM_TABLE (Llama names)      config fields (ORIGINAL_LLM)        config.json "emu3"
-      config.json, model-*.safetensors                                      every tensor: name, shape, once     model-*.safetensors
-      emu3.tiktoken, emu3_vision_tokens.txt    (ranks -> build_tokenizer)   the vision-token file's lines       tokenizer.json
-    + original Emu3-VisionTokenizer (--vq)     none: our VQ keeps its names  ORIGINAL_VQ, preprocessor fields   vqvae.safetensors,
-      config.json, model.safetensors, preprocessor_config.json                                                "vqvae", "image"
-    transformers "-hf" (one directory)         HF prefixes + LLM_TABLE,     top-level / text_config /          all of the above
-      config.json (text_config, vq_config,     VQ_FROM_HF for the VQ        vq_config fields, vocabulary_map
-      vocabulary_map), model-*.safetensors                                  ids, tokenizer.json's pre-tokenizer
-      + index, tokenizer.json, preprocessor_config.json
+    source directory                      rename table               strict checks                     ours
+    original Emu3-Gen / -Chat / -Stage1   LLM_TABLE (Llama names)    configs.ORIGINAL_LLM; every       config.json "emu3"
+      config.json, model-*.safetensors                               tensor: name, shape, once         model-*.safetensors
+      emu3.tiktoken, emu3_vision_tokens   (ranks: build_tokenizer)   the vision-token lines            tokenizer.json
+    + original Emu3-VisionTokenizer       none: our VQ keeps its     configs.ORIGINAL_VQ,              vqvae.safetensors,
+      (--vq): config.json, model.safe-    names                      configs.PREPROCESSOR              "vqvae", "image"
+      tensors, preprocessor_config.json
+    transformers "-hf" (one directory):   HF prefixes + LLM_TABLE;   configs.HF_TOP / HF_TEXT / HF_VQ, all of the above
+      config.json (text_config,           VQ_FROM_HF for the VQ      vocabulary_map ids; the tokenizer
+      vq_config, vocabulary_map),                                    splits text the Qwen way (or is
+      model-*.safetensors + index,                                   rebuilt)
+      tokenizer.json, processor config
 
 Every field of a source config is used, or checked against the one value we implement, or on a list of fields that
 do not change inference (configs.py); anything else is a one-line error naming the field and its value. Our
@@ -53,7 +54,8 @@ LLM_TABLE = {
     "lm_head.weight": "lm_head.weight",
 }
 LLM_FROM_ORIGINAL = {v: k for k, v in LLM_TABLE.items()}
-# transformers "-hf": on disk text_model.model.* / text_model.lm_head.weight; in memory model.text_model.* / lm_head.weight
+# transformers "-hf": on disk text_model.model.* / text_model.lm_head.weight;
+# in memory model.text_model.* / lm_head.weight
 HF_LLM_PREFIXES = {"text_model.model.": "model.", "text_model.lm_head.": "lm_head.", "model.text_model.": "model."}
 HF_VQ_PREFIX = re.compile(r"^(model\.)?vqmodel\.")
 # Our VQ keys are the original BAAI taming-style names, so an original checkpoint only needs checking; an -hf one
@@ -189,9 +191,10 @@ def load_vqvae(path, device="cpu"):
 
 def load_tokenizer(path, log=print):
     cfg, _ = emu3_config(path)
-    tok = tokenizer_from_hf(path, cfg, log) if source_format(path) == "hf" else tokenizer_from_original(path, cfg)
-    check_special_ids(tok, cfg, os.path.join(path, "config.json"))
-    return tok
+    hf = source_format(path) == "hf"
+    tokenizer = tokenizer_from_hf(path, cfg, log) if hf else tokenizer_from_original(path, cfg)
+    check_special_ids(tokenizer, cfg, os.path.join(path, "config.json"))
+    return tokenizer
 
 
 # ---- the command line: a release -> our directory ----
@@ -209,7 +212,7 @@ def convert(src, out, vq=None, dtype=None, image_area=None, log=lambda *a: print
     files = weight_files(src)
     dtype = parse_dtype(dtype) if dtype is not None else source_dtype(src, files)
     # everything cheap is read and checked before the first weight is: tokenizer, VQ config, preprocessor config
-    tok = load_tokenizer(src, log=log)
+    tokenizer = load_tokenizer(src, log=log)
     vq_src = vq or (src if fmt == "hf" else None)
     if vq_src is not None and fmt == "original" and source_format(vq_src) != "original-vq":
         raise ValueError(f"--vq {vq_src} is not an original Emu3-VisionTokenizer directory")
@@ -219,15 +222,16 @@ def convert(src, out, vq=None, dtype=None, image_area=None, log=lambda *a: print
         raise ValueError(f"the VQ-VAE has {vq_model.cfg.codebook_size} codes, the decoder only "
                          f"{cfg.codebook_size} visual tokens")
 
-    def shards():
+    def shards():  # one at a time: each is dropped before the next is read
         for file in files:
             shard = dict(llm_tensors(file, fmt, dtype))
             if shard:  # an -hf shard of only vqmodel.* tensors gives none
                 log(f"{os.path.basename(file)}: {len(shard)} tensors")
                 yield shard
+            del shard
     record = {"format": fmt, "path": os.path.abspath(src), "vq": vq_src and os.path.abspath(vq_src),
               "dtype": str(dtype).removeprefix("torch."), "checked": checked}
-    checkpoint.save(out, cfg, shards(), vq_model, tok, image, source=record)
+    checkpoint.save(out, cfg, shards(), vq_model, tokenizer, image, source=record)
 
 
 if __name__ == "__main__":

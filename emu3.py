@@ -46,7 +46,7 @@ class Emu3Config:
     eof_id: int = 151847  # <|extra_201|>, ends a frame
     bos_id: int = 151849  # <|extra_203|>
     eos_id: int = 151850  # <|extra_204|>
-    img_id: int = 151851  # <|image token|>, between the "h*w" size string and the grid
+    wrapper_id: int = 151851  # <|image token|> (transformers' image_wrapper_token): ends the "h*w" size string
     boi_id: int = 151852  # <|image start|>
     eoi_id: int = 151853  # <|image end|>
     visual_offset: int = 151854  # code k <-> token visual_offset + k

@@ -13,7 +13,8 @@ text:   prompts (B, L) left padded -> prefill in chunks -> one token per row per
         the host reads tokens (and whether every row has ended) once every CHECK_EVERY steps
 image:  cond + uncond prompts as ONE batch of 2B rows -> prefill -> per step: logits (2B, V') over the grid window
         -> CFG (B, V') -> grid mask -> temperature -> top-k -> sample -> fed to both halves, nothing read back
-        parallel=N (Jacobi): each pass feeds the last accepted token + N-1 guesses, samples all N positions at once,
+        parallel=N (Jacobi): each pass feeds the last accepted token + N-1 guesses (first_guess: the row above, or
+        the noise alone), samples all N positions at once,
         and accepts the longest run of right guesses + 1: with keyed noise the result is the sequential one, token
         for token (tests/test_parallel.py)
 """
@@ -141,8 +142,9 @@ def generate_text(model, prompts, max_new_tokens, eos_id, pad_id, pick=None, on_
     dev = model.embed.weight.device
     tokens, pad, padded = left_pad(prompts, pad_id, dev)
     B, L = tokens.shape
-    size = L + max_new_tokens
-    model.setup_cache(B, BUCKET * math.ceil(size / BUCKET))  # kept between calls: bucket-rounded, few sizes
+    # the cache, kept between calls, in whole buckets: few sizes, and every read a multiple of BUCKET columns
+    size = BUCKET * math.ceil((L + max_new_tokens) / BUCKET)
+    model.setup_cache(B, size)
     step = torch.compile(text_step, mode="reduce-overhead", fullgraph=True) if compile_step else text_step
     logits = prefill(model, tokens, pad, padded, size,
                      lambda t, pos, p, kv_len: model(t, input_pos=pos, pad=p, last_only=True, kv_len=kv_len)[:, -1])
@@ -195,7 +197,7 @@ class TextStream:
 
 # ---- images ----
 
-def cfg_scores(cond_logits, uncond_logits, scale):
+def guidance_scores(cond_logits, uncond_logits, scale):
     """Classifier-free guidance in log-softmax space, fp32: scale * (log p_c - log p_u) + log p_u."""
     c = torch.log_softmax(cond_logits.float(), dim=-1)
     u = torch.log_softmax(uncond_logits.float(), dim=-1)
@@ -242,7 +244,7 @@ def reference_grid_rule(h, w, cfg):
     visual = list(range(cfg.visual_offset, cfg.visual_offset + cfg.codebook_size))
 
     def allowed(batch_id, input_ids):
-        offset = input_ids.shape[0] - torch.nonzero(input_ids == cfg.img_id, as_tuple=True)[0][0]
+        offset = input_ids.shape[0] - torch.nonzero(input_ids == cfg.wrapper_id, as_tuple=True)[0][0]
         if offset % (w + 1) == 0:
             return (cfg.eol_id,)
         elif offset == (w + 1) * h + 1:
@@ -279,7 +281,7 @@ def image_scores(model, tokens, input_pos, pad, off, h, w, guidance, top_k, temp
         scores = logits / temperature
     else:
         B = logits.shape[0] // 2
-        scores = cfg_scores(logits[:B], logits[B:], guidance) / temperature  # (B, T, V'): cond rows first
+        scores = guidance_scores(logits[:B], logits[B:], guidance) / temperature  # (B, T, V'): cond rows first
     scores = constrain(scores, grid_mask(off[None, :], h, w, model.cfg, window.start, scores.shape[-1]))
     return scores if top_k == 1 else top_k_filter(scores, top_k)
 
@@ -312,8 +314,8 @@ def generate_image_tokens(model, cond_ids, neg_ids, grids, guidance=3.0, top_k=2
     if L + n_new + N - 1 > cfg.max_seq_len:
         raise ValueError(f"a {grids[0][0]}x{grids[0][1]} token image needs {n_new} tokens after the {L}-token "
                          f"prompt, more than the model's {cfg.max_seq_len} positions: use a smaller --area")
-    size = L + n_new + N - 1
-    model.setup_cache(len(rows), BUCKET * math.ceil(size / BUCKET))  # kept between calls: few sizes
+    size = BUCKET * math.ceil((L + n_new + N - 1) / BUCKET)  # whole buckets, as in generate_text
+    model.setup_cache(len(rows), size)
     step = torch.compile(image_scores, mode="reduce-overhead", fullgraph=True) if compile_step else image_scores
     args = (h, w, guidance, top_k, temperature)
     first = grid_window(cfg).start  # scores index the grid window: index + first = token id
@@ -360,9 +362,14 @@ def generate_image_tokens(model, cond_ids, neg_ids, grids, guidance=3.0, top_k=2
 
 
 def first_guess(out, positions, pick, h, w, cfg, first, n_ids):
-    """Guesses (B, T) for positions no pass has predicted: the noise alone under the grid rule, i.e. the token a
-    sample of flat scores would be (bench/bench_parallel.py measures it against other choices)."""
-    return pick(grid_mask(positions[None, :] + 1, h, w, cfg, first, n_ids), positions)
+    """Guesses (B, T) for positions no pass has predicted yet: the token one row up where out holds a visual token
+    there (images repeat themselves vertically), else the noise alone under the grid rule (what a sample of flat
+    scores would be). bench/bench_parallel.py measured both on the toy: 2.63x fewer passes at --parallel 16 with
+    the row above, 2.59x with the noise alone."""
+    noise = pick(grid_mask(positions[None, :] + 1, h, w, cfg, first, n_ids), positions)  # (B, T)
+    up = positions[None, :] - (w + 1)  # (B, T): the same column, one row up
+    visual = (up >= 0) & (up < positions[0]) & (positions[None, :] % (w + 1) != w) & (positions[None, :] < h * (w + 1))
+    return torch.where(visual, out.gather(1, up.clamp(min=0).expand(out.shape[0], -1)), noise)
 
 
 def tokens_to_codes(tokens, h, w, cfg):

@@ -340,7 +340,8 @@ def run_recon(ckpt, image, frames, out, device, min_pixels, max_pixels, threads)
     pictures = [open_image(p) for p in paths]  # read the inputs first: a bad file fails before the model loads
     for p, im in zip(paths, pictures):
         if im.size != pictures[0].size:
-            raise ValueError(f"frame {p} is {im.width}x{im.height}, the first is {pictures[0].width}x{pictures[0].height}")
+            first = pictures[0]
+            raise ValueError(f"frame {p} is {im.width}x{im.height}, the first is {first.width}x{first.height}")
     m = load(ckpt, device, decoder=False)
     tf = m.vq.cfg.temporal_downsample_factor
     if frames and len(pictures) % tf:

@@ -30,7 +30,8 @@ def special_tokens(n_visual=32768):
 
 def vision_tokens(n_visual=32768):
     """The lines of the original's emu3_vision_tokens.txt, in order."""
-    return ["<|image token|>", "<|image start|>", "<|image end|>"] + [f"<|visual token {k:06d}|>" for k in range(n_visual)]
+    return (["<|image token|>", "<|image start|>", "<|image end|>"]
+            + [f"<|visual token {k:06d}|>" for k in range(n_visual)])
 
 
 def bytes_to_unicode():
@@ -48,14 +49,14 @@ def bytes_to_unicode():
 def read_ranks(tiktoken_path):
     """A tiktoken file (base64 token, rank per line) -> {token bytes: rank}, ranks 0..n-1."""
     with open(tiktoken_path, "rb") as f:
-        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
+        ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in f if line.strip())}
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise ValueError(f"{tiktoken_path}: ranks are not 0..{len(ranks) - 1}")
     return ranks
 
 
 def ranks_from_vocab(vocab, n_ranks):
-    """A byte-level BPE vocabulary {printable string: id} (the -hf tokenizer's) -> {token bytes: rank} for ids < n_ranks.
+    """A byte-level BPE vocabulary {printable string: id} (an -hf tokenizer's) -> {token bytes: rank}, ids < n_ranks.
 
     The -hf conversion wrote tiktoken rank r as the string of its bytes at id r, so this reads the ranks back."""
     char_byte = {c: b for b, c in bytes_to_unicode().items()}
@@ -66,7 +67,7 @@ def ranks_from_vocab(vocab, n_ranks):
 
 
 def build_tokenizer(ranks, n_visual=32768):
-    """tiktoken ranks ({bytes: rank}, or the path of a tiktoken file) -> tokenizers.Tokenizer with the original's ids."""
+    """tiktoken ranks ({bytes: rank}, or a tiktoken file's path) -> tokenizers.Tokenizer with the original's ids."""
     if not isinstance(ranks, dict):
         ranks = read_ranks(ranks)
     byte_char = bytes_to_unicode()
@@ -75,30 +76,30 @@ def build_tokenizer(ranks, n_visual=32768):
     # So list every split (l, r) of every token t (both halves tokens) ordered by rank(t): same choices as tiktoken.
     # (The old HF script kept one split per token, which misses pairs tiktoken would merge in some contexts.)
     merges = []
-    for tok, rank in ranks.items():
-        for i in range(1, len(tok)):
-            left, right = tok[:i], tok[i:]
+    for token, rank in ranks.items():
+        for i in range(1, len(token)):
+            left, right = token[:i], token[i:]
             if left in ranks and right in ranks:
                 merges.append((rank, ranks[left], ranks[right], left, right))
     merges.sort()
     bpe = models.BPE({to_str(t): r for t, r in ranks.items()}, [(to_str(l), to_str(r)) for *_, l, r in merges],
                      ignore_merges=True)  # like tiktoken: a piece that is itself a token is taken whole
-    tok = with_qwen_pipeline(Tokenizer(bpe))
+    tokenizer = with_qwen_pipeline(Tokenizer(bpe))
     # normalized=True: specials are matched after NFC, as the original normalizes the whole text before encoding
-    n = tok.add_special_tokens([AddedToken(s, special=True, normalized=True) for s in special_tokens(n_visual)])
-    if tok.get_vocab_size() != len(ranks) + n:
+    n = tokenizer.add_special_tokens([AddedToken(s, special=True, normalized=True) for s in special_tokens(n_visual)])
+    if tokenizer.get_vocab_size() != len(ranks) + n:
         raise ValueError("special tokens collide with BPE tokens")
-    return tok
+    return tokenizer
 
 
-def with_qwen_pipeline(tok):
+def with_qwen_pipeline(tokenizer):
     """The original's text pipeline around a BPE model: NFC, the Qwen regex, bytes as printable chars."""
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN_PAT), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    return tok
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
 
 
 def splits_like_qwen(tokenizer_json):
@@ -144,31 +145,32 @@ def tokenizer_from_hf(path, cfg, log=print):
     then the Qwen regex); otherwise (e.g. the GPT-2 regex, which splits "90*90" into 90,*,90 instead of 9,0,*,9,0)
     it is rebuilt from its own vocabulary with the Qwen regex, and a line says so."""
     file = os.path.join(path, "tokenizer.json")
-    tok = load_tokenizer(file)
-    j = json.loads(tok.to_str())
+    tokenizer = load_tokenizer(file)
+    j = json.loads(tokenizer.to_str())
     model = j.get("model") or {}
     if model.get("type") != "BPE":
         raise ValueError(f"{file}: a {model.get('type')} tokenizer, not the byte-level BPE Emu3 uses")
     n_ranks = cfg.pad_id  # the specials start at <|endoftext|>
     # every special must sit at its reference id; -hf renames <|extra_0|> to <image>, its placeholder
     for i, s in enumerate(special_tokens(cfg.codebook_size)):
-        got = tok.id_to_token(n_ranks + i)
+        got = tokenizer.id_to_token(n_ranks + i)
         if got != s and not (s == "<|extra_0|>" and got == "<image>"):
             raise ValueError(f"{file}: id {n_ranks + i} is {got!r}, expected {s!r}")
-    if tok.get_vocab_size() != cfg.vocab_size:
-        raise ValueError(f"{file} has {tok.get_vocab_size()} tokens, the model {cfg.vocab_size}")
+    if tokenizer.get_vocab_size() != cfg.vocab_size:
+        raise ValueError(f"{file} has {tokenizer.get_vocab_size()} tokens, the model {cfg.vocab_size}")
     if not splits_like_qwen(j):
         log(f"{file} splits text differently from the Qwen regex the model was trained with: rebuilt from its "
             f"vocabulary")
-        tok = build_tokenizer(ranks_from_vocab(model.get("vocab", {}), n_ranks), n_visual=cfg.codebook_size)
-    return tok
+        tokenizer = build_tokenizer(ranks_from_vocab(model.get("vocab", {}), n_ranks), n_visual=cfg.codebook_size)
+    return tokenizer
 
 
-def check_special_ids(tok, cfg, where):
+def check_special_ids(tokenizer, cfg, where):
     """The config's special ids must be the tokenizer's ids of the special strings."""
     names = dict(pad_id="<|endoftext|>", eol_id="<|extra_200|>", eof_id="<|extra_201|>", bos_id="<|extra_203|>",
-                 eos_id="<|extra_204|>", img_id="<|image token|>", boi_id="<|image start|>", eoi_id="<|image end|>",
+                 eos_id="<|extra_204|>", wrapper_id="<|image token|>", boi_id="<|image start|>", eoi_id="<|image end|>",
                  visual_offset="<|visual token 000000|>")
     for f, s in names.items():
-        if tok.token_to_id(s) != getattr(cfg, f):
-            raise ValueError(f"{where}: {f} is {getattr(cfg, f)} but the tokenizer has {s} at {tok.token_to_id(s)}")
+        if tokenizer.token_to_id(s) != getattr(cfg, f):
+            got = tokenizer.token_to_id(s)
+            raise ValueError(f"{where}: {f} is {getattr(cfg, f)} but the tokenizer has {s} at {got}")

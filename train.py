@@ -184,7 +184,7 @@ def make_tokenizer(path, n_visual):
 def special_ids(tok):
     """Emu3Config's special-token fields, read off the tokenizer by their reference strings (§4.1)."""
     names = dict(pad_id="<|endoftext|>", eol_id="<|extra_200|>", eof_id="<|extra_201|>", bos_id="<|extra_203|>",
-                 eos_id="<|extra_204|>", img_id="<|image token|>", boi_id="<|image start|>", eoi_id="<|image end|>",
+                 eos_id="<|extra_204|>", wrapper_id="<|image token|>", boi_id="<|image start|>", eoi_id="<|image end|>",
                  visual_offset="<|visual token 000000|>")
     return {k: tok.token_to_id(s) for k, s in names.items()}
 

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import generate  # noqa: E402
-from bench_generate import build  # noqa: E402  the same random transformers model + our model aliasing it
+from bench_generate import build, timed  # noqa: E402  the same random models (ours aliasing transformers')
 from emu3 import Emu3Config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,18 +35,8 @@ def chat_prompt(cfg, n_image_rows=30, n_image_cols=32, n_text=40):
                          generator=g)
     grid = torch.cat([grid, torch.full((n_image_rows, 1), cfg.eol_id)], 1).flatten().tolist()
     text = torch.randint(1000, 100000, (n_text,), generator=g).tolist()
-    return [cfg.bos_id] + text[:20] + [cfg.boi_id, 18, 15, 9, 18, 17, cfg.img_id] + grid + \
+    return [cfg.bos_id] + text[:20] + [cfg.boi_id, 18, 15, 9, 18, 17, cfg.wrapper_id] + grid + \
         [cfg.eof_id, cfg.eoi_id] + text[20:]
-
-
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t, out
 
 
 def decode_bench(cfg, device, dtype, n_new, compile_step, skip_hf, seed):

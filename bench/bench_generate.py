@@ -61,8 +61,8 @@ def build(cfg, device, dtype, seed):
 def prompts(cfg, h, w):
     # bos + ~20 text tokens + boi + "h*w" (digits and '*' as id stand-ins) + img; the negative prompt ~45 tokens
     size = [16 + int(c) for c in str(h)] + [9] + [16 + int(c) for c in str(w)]
-    cond = [cfg.bos_id] + list(range(1000, 1020)) + [cfg.boi_id] + size + [cfg.img_id]
-    neg = [cfg.bos_id] + list(range(2000, 2045)) + [cfg.boi_id] + size + [cfg.img_id]
+    cond = [cfg.bos_id] + list(range(1000, 1020)) + [cfg.boi_id] + size + [cfg.wrapper_id]
+    neg = [cfg.bos_id] + list(range(2000, 2045)) + [cfg.boi_id] + size + [cfg.wrapper_id]
     return cond, neg
 
 

@@ -1,14 +1,14 @@
 """Parallel (Jacobi) image decoding on the shipped toy: forward passes and CPU time against the sequential path.
 
     python bench/bench_parallel.py --threads 1                 # windows 4, 8, 16, 32; 36 held-out captions x 3 seeds
-    python bench/bench_parallel.py --guess above --windows 16  # first guesses from the row above instead
+    python bench/bench_parallel.py --guess noise --windows 16  # first guesses from the noise alone instead
 
 A trained model (unlike random weights) has peaked next-token distributions, so this is where acceptance means
 something. Each image is generated alone (a batch accepts the shortest run of its rows) with the official recipe
 (guidance 3, top-k 2048), in fp32, sequentially and with --parallel N; prints forward passes per image, tokens
 accepted per pass (after the prefill), wall time, the ratios, and whether every image is identical.
---guess picks the first guesses for positions no pass has predicted yet: "noise" (the noise alone under the grid
-rule: generate.first_guess) or "above" (the token one row up, where there is one; the noise elsewhere).
+--guess picks the first guesses for positions no pass has predicted yet: "above" (generate.first_guess: the token
+one row up where there is one, the noise elsewhere) or "noise" (the noise alone under the grid rule everywhere).
 """
 import argparse
 import os
@@ -23,23 +23,18 @@ import sample  # noqa: E402
 import train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOISE = generate.first_guess
 
 
-def above_guess(out, positions, pick, h, w, cfg, first, n_ids):
-    """The token one row up (same column) where it is a visual token already in `out`, else the noise guess."""
-    noise = NOISE(out, positions, pick, h, w, cfg, first, n_ids)  # (B, T)
-    up = positions[None, :] - (w + 1)  # (B, T)
-    known = (up >= 0) & (positions[None, :] % (w + 1) != w) & (positions[None, :] < h * (w + 1))
-    prev = out.gather(1, up.clamp(min=0).expand(out.shape[0], -1))
-    return torch.where(known, prev, noise)
+def noise_guess(out, positions, pick, h, w, cfg, first, n_ids):
+    """The noise alone under the grid rule, everywhere (what generate.first_guess falls back to)."""
+    return pick(generate.grid_mask(positions[None, :] + 1, h, w, cfg, first, n_ids), positions)
 
 
 def main(ckpt, windows, seeds, guess, threads):
     if threads:
         torch.set_num_threads(threads)
-    if guess == "above":
-        generate.first_guess = above_guess
+    if guess == "noise":
+        generate.first_guess = noise_guess
     m = sample.load(ckpt, "cpu", "float32")
     captions = [train.caption(s) for s in train.HELD_OUT]
     print(f"{ckpt}: {len(captions)} held-out captions x seeds {seeds}, one image at a time, fp32, "
@@ -75,6 +70,6 @@ if __name__ == "__main__":
     ap.add_argument("--ckpt", default=os.path.join(ROOT, "toy", "ckpt"), help="the toy checkpoint")
     ap.add_argument("--windows", type=int, nargs="+", default=[4, 8, 16, 32], help="--parallel window sizes")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds")
-    ap.add_argument("--guess", choices=["noise", "above"], default="noise", help="first guesses (see above)")
+    ap.add_argument("--guess", choices=["above", "noise"], default="above", help="first guesses (see above)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (1 on a shared machine)")
     main(**vars(ap.parse_args()))

@@ -23,8 +23,12 @@ sys.path.insert(0, ROOT)
 import convert  # noqa: E402
 from emu3 import Emu3, Emu3Config  # noqa: E402
 
-# ~2.6 GB fp32: embed / lm_head 512 MB each, 8 layers of ~180 MB
-CFG = Emu3Config(vocab_size=65536, dim=2048, n_layers=8, n_heads=16, n_kv_heads=4, ffn_dim=5632, max_seq_len=9216)
+# ~2.6 GB fp32: embed / lm_head 512 MB each, 8 layers of ~180 MB; the release's token layout after 256 byte tokens
+N_VISUAL = 65536 - 256 - 211
+_IDS = dict(pad_id=256, eol_id=256 + 203, eof_id=256 + 204, bos_id=256 + 206, eos_id=256 + 207, wrapper_id=256 + 208,
+            boi_id=256 + 209, eoi_id=256 + 210, visual_offset=256 + 211)
+CFG = Emu3Config(vocab_size=65536, dim=2048, n_layers=8, n_heads=16, n_kv_heads=4, ffn_dim=5632, max_seq_len=9216,
+                 codebook_size=N_VISUAL, **_IDS)
 GB = 1024 ** 3
 
 
@@ -49,8 +53,9 @@ def write_original(path):
     conf = dict(vocab_size=CFG.vocab_size, hidden_size=CFG.dim, intermediate_size=CFG.ffn_dim,
                 num_hidden_layers=CFG.n_layers, num_attention_heads=CFG.n_heads, num_key_value_heads=CFG.n_kv_heads,
                 max_position_embeddings=9216, rms_norm_eps=1e-5, rope_theta=1e6, image_area=518400,
-                pad_token_id=CFG.pad_id, bos_token_id=CFG.bos_id, eos_token_id=CFG.eos_id, img_token_id=CFG.img_id,
-                boi_token_id=CFG.boi_id, eoi_token_id=CFG.eoi_id, eol_token_id=CFG.eol_id, eof_token_id=CFG.eof_id)
+                pad_token_id=CFG.pad_id, bos_token_id=CFG.bos_id, eos_token_id=CFG.eos_id, img_token_id=CFG.wrapper_id,
+                boi_token_id=CFG.boi_id, eoi_token_id=CFG.eoi_id, eol_token_id=CFG.eol_id, eof_token_id=CFG.eof_id,
+                model_type="Emu3", architectures=["Emu3ForCausalLM"], torch_dtype="float32")
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(conf, f)
     with open(os.path.join(path, "emu3.tiktoken"), "w") as f:

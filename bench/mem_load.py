@@ -33,7 +33,7 @@ TOKENIZER = build_tokenizer({bytes([b]): b for b in range(256)}, N_VISUAL)
 CFG = Emu3Config(vocab_size=65536, dim=2048, n_layers=8, n_heads=16, n_kv_heads=4, ffn_dim=5632, max_seq_len=9216,
                  codebook_size=N_VISUAL, **{k: TOKENIZER.token_to_id(s) for k, s in dict(
                      pad_id="<|endoftext|>", eol_id="<|extra_200|>", eof_id="<|extra_201|>", bos_id="<|extra_203|>",
-                     eos_id="<|extra_204|>", img_id="<|image token|>", boi_id="<|image start|>",
+                     eos_id="<|extra_204|>", wrapper_id="<|image token|>", boi_id="<|image start|>",
                      eoi_id="<|image end|>", visual_offset="<|visual token 000000|>").items()})
 GB = 1024 ** 3
 

@@ -110,7 +110,7 @@ def test_configs():
     with open(os.path.join(FIXTURE, "config.json")) as f:
         c, checked = configs.emu3_config_from_original(json.load(f))
     assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.ffn_dim, c.rope_theta) == (64, 3, 8, 2, 160, 5e5)
-    assert (c.bos_id, c.eol_id, c.img_id, c.visual_offset, c.codebook_size) == (462, 459, 464, 467, 36)
+    assert (c.bos_id, c.eol_id, c.wrapper_id, c.visual_offset, c.codebook_size) == (462, 459, 464, 467, 36)
     assert checked == {"hidden_act": "silu", "rope_scaling": None, "tie_word_embeddings": False, "pretraining_tp": 1}
     names = {"<|extra_200|>": 151846, "<|extra_201|>": 151847, "<|image token|>": 151851, "<|image start|>": 151852,
              "<|image end|>": 151853} | {f"<|visual token {k:06d}|>": 151854 + k for k in range(32768)}

@@ -162,7 +162,7 @@ def test_one_batch_equals_two_passes(models, monkeypatch):
         lu = mu(torch.tensor(neg), last_only=True)[:, -1]
         ref = []
         for i in range(n_new):
-            scores = generate.cfg_scores(lc, lu, 3.0)
+            scores = generate.guidance_scores(lc, lu, 3.0)
             scores = scores + generate.grid_mask(torch.tensor(i + 1), h, w, cfg, 0, scores.shape[-1])
             t = scores.argmax(-1)
             ref.append(t)
@@ -257,19 +257,19 @@ def test_area_too_large_for_positions():
     fake = FakeModel(cfg, "normal", 0)
     h, w = prompts.generate_size("1:1", 1024 * 1024)  # 128x128 grid: 16515 tokens > 9216 positions
     with pytest.raises(ValueError, match="positions"):
-        generate.generate_image_tokens(fake, [[cfg.bos_id, cfg.img_id]], [[cfg.bos_id, cfg.img_id]], [(h, w)])
+        generate.generate_image_tokens(fake, [[cfg.bos_id, cfg.wrapper_id]], [[cfg.bos_id, cfg.wrapper_id]], [(h, w)])
 
 
 def test_cfg_formula():
     c, u = torch.randn(2, 50), torch.randn(2, 50)
     lc, lu = torch.log_softmax(c, -1), torch.log_softmax(u, -1)
-    torch.testing.assert_close(generate.cfg_scores(c, u, 3.0), 3.0 * (lc - lu) + lu)
-    torch.testing.assert_close(generate.cfg_scores(c, u, 1.0), lc)
-    assert generate.cfg_scores(c.bfloat16(), u.bfloat16(), 3.0).dtype == torch.float32
+    torch.testing.assert_close(generate.guidance_scores(c, u, 3.0), 3.0 * (lc - lu) + lu)
+    torch.testing.assert_close(generate.guidance_scores(c, u, 1.0), lc)
+    assert generate.guidance_scores(c.bfloat16(), u.bfloat16(), 3.0).dtype == torch.float32
 
 
 SMALL = Emu3Config(vocab_size=60, dim=8, n_layers=1, n_heads=1, n_kv_heads=1, ffn_dim=8, max_seq_len=4096,
-                   pad_id=0, eol_id=1, eof_id=2, bos_id=3, eos_id=4, img_id=5, boi_id=6, eoi_id=7,
+                   pad_id=0, eol_id=1, eof_id=2, bos_id=3, eos_id=4, wrapper_id=5, boi_id=6, eoi_id=7,
                    visual_offset=10, codebook_size=40)  # ids 50..59 lie past the codebook: not visual
 
 
@@ -286,7 +286,7 @@ def test_grid_mask_matches_prefix_fn(h, w, data):
     mask = generate.grid_mask(torch.tensor(offs), h, w, cfg, 0, cfg.vocab_size)  # (n_offs, V)
     prompt = data.draw(st.lists(st.sampled_from([8, 9, 50]), max_size=3))  # tokens before <|image token|>
     for off, row in zip(offs, mask):
-        ids = torch.tensor(prompt + [cfg.img_id] + [cfg.visual_offset] * (off - 1))  # len(ids) - p == off
+        ids = torch.tensor(prompt + [cfg.wrapper_id] + [cfg.visual_offset] * (off - 1))  # len(ids) - p == off
         ours = set(torch.nonzero(row == 0)[:, 0].tolist())
         assert torch.isneginf(row[row != 0]).all()
         if off > n + 3:
@@ -348,8 +348,8 @@ def assert_grid(out, h, w, cfg):
 def test_grid_property_any_logits(h, w, B, mode, guidance, top_k, temperature, seed):
     cfg = SMALL
     fake = FakeModel(cfg, mode, seed)
-    cond = [[cfg.bos_id] + [8] * (b + 1) + [cfg.boi_id, 9, cfg.img_id] for b in range(B)]
-    neg = [[cfg.bos_id, 9, cfg.boi_id, 9, cfg.img_id]] * B
+    cond = [[cfg.bos_id] + [8] * (b + 1) + [cfg.boi_id, 9, cfg.wrapper_id] for b in range(B)]
+    neg = [[cfg.bos_id, 9, cfg.boi_id, 9, cfg.wrapper_id]] * B
     out, passes = generate.generate_image_tokens(fake, cond, neg, [(h, w)] * B, guidance, top_k, temperature, seed)
     assert_grid(out, h, w, cfg)
     # the loop fed both halves the sampled token (the conditional rows alone at guidance 1: transformers adds no
@@ -366,7 +366,7 @@ def test_grid_property_full_vocab():
     cfg = Emu3Config(dim=8, n_layers=1, n_heads=1, n_kv_heads=1, ffn_dim=8)  # real ids, 184622 tokens
     for mode in ["normal", "wants_text", "one"]:
         fake = FakeModel(cfg, mode, 0)
-        out, _ = generate.generate_image_tokens(fake, [[cfg.bos_id, cfg.img_id]], [[cfg.bos_id, cfg.img_id]], [(2, 3)])
+        out, _ = generate.generate_image_tokens(fake, [[cfg.bos_id, cfg.wrapper_id]], [[cfg.bos_id, cfg.wrapper_id]], [(2, 3)])
         assert_grid(out, 2, 3, cfg)
 
 

@@ -10,18 +10,16 @@
 import math
 import os
 
-import pytest
 import torch
 from hypothesis import assume, given, settings, strategies as st
 
 import generate
-import prompts
 import sample
 from emu3 import Emu3, Emu3Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = Emu3Config(vocab_size=60, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=1024,
-                  pad_id=0, eol_id=1, eof_id=2, bos_id=3, eos_id=4, img_id=5, boi_id=6, eoi_id=7,
+                  pad_id=0, eol_id=1, eof_id=2, bos_id=3, eos_id=4, wrapper_id=5, boi_id=6, eoi_id=7,
                   visual_offset=10, codebook_size=40)  # ids 50..59: text
 
 
@@ -41,8 +39,8 @@ def tiny_model(seed, std):
 def prompt_rows(B, seed):
     g = torch.Generator().manual_seed(seed)
     text = lambda n: torch.randint(50, 60, (n,), generator=g).tolist()
-    cond = [[TINY.bos_id] + text(2 + 3 * b) + [TINY.boi_id, 50, TINY.img_id] for b in range(B)]
-    return cond, [[TINY.bos_id] + text(4) + [TINY.boi_id, 50, TINY.img_id]] * B
+    cond = [[TINY.bos_id] + text(2 + 3 * b) + [TINY.boi_id, 50, TINY.wrapper_id] for b in range(B)]
+    return cond, [[TINY.bos_id] + text(4) + [TINY.boi_id, 50, TINY.wrapper_id]] * B
 
 
 # ---- 1. the sampler samples the reference distribution ----

@@ -66,7 +66,7 @@ def test_tokenizer_keeps_the_real_special_layout(tok):
     ids = train.special_ids(tok)
     n = ids["pad_id"]  # the toy's BPE ranks end where <|endoftext|> starts, as Qwen's do at 151643
     assert (ids["eol_id"], ids["eof_id"], ids["bos_id"], ids["eos_id"]) == (n + 203, n + 204, n + 206, n + 207)
-    assert (ids["img_id"], ids["boi_id"], ids["eoi_id"], ids["visual_offset"]) == (n + 208, n + 209, n + 210, n + 211)
+    assert (ids["wrapper_id"], ids["boi_id"], ids["eoi_id"], ids["visual_offset"]) == (n + 208, n + 209, n + 210, n + 211)
     assert tok.get_vocab_size() == n + 211 + 512
     for text in [train.caption(s) for s in train.ALL_SCENES[::17]] + [prompts.NEGATIVE_PROMPT]:
         assert tok.decode(tok.encode(text, add_special_tokens=False).ids) == text
