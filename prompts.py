@@ -57,8 +57,8 @@ def raw_prompt(text, codes):
 
 def check_messages(messages, where="messages"):
     """A conversation in transformers' format: a list of {"role": "system" | "user" | "assistant", "content": [
-    {"type": "text", "text": ...} | {"type": "image", ...}, ...]} (a plain string content counts as one text).
-    Returns it with string contents expanded; a one-line ValueError for anything else."""
+    {"type": "text", "text": ...} | {"type": "image", ...}, ...]}. A one-line ValueError for anything else, a plain
+    string content included (the -hf template renders it as nothing, which would drop the text without a word)."""
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: expected a non-empty list of messages")
     out = []
@@ -68,7 +68,8 @@ def check_messages(messages, where="messages"):
             raise ValueError(f"{where}: message {i} has role {role!r}; roles are {', '.join(ROLES)}")
         content = m.get("content")
         if isinstance(content, str):
-            content = [{"type": "text", "text": content}]
+            raise ValueError(f"{where}: message {i} has a string content: write it as "
+                             f'[{{"type": "text", "text": {content[:30]!r}}}]')
         if not isinstance(content, list) or not content:
             raise ValueError(f"{where}: message {i} ({m['role']}) has no content")
         for part in content:

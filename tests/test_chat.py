@@ -393,7 +393,8 @@ def test_chat_forms_bad_input(tiny, tmp_path):
     cases = [({"role": "robot", "content": [{"type": "text", "text": "hi"}]}, "role 'robot'"),
              ({"role": "user"}, "has no content"),
              ({"role": "user", "content": [{"type": "image", "path": "nope.png"}]}, "no image file"),
-             ({"role": "user", "content": [{"type": "video"}]}, "content part")]
+             ({"role": "user", "content": [{"type": "video"}]}, "content part"),
+             ({"role": "user", "content": "Describe the image."}, "string content")]  # the -hf template drops it
     for i, (message, words) in enumerate(cases):
         (tmp_path / f"{i}.json").write_text(json.dumps([message]))
         r = run("sample.py", "chat", "--ckpt", tiny.ours, "--messages", str(tmp_path / f"{i}.json"))
