@@ -110,11 +110,15 @@ def encode_images(m, pictures, min_pixels=None, max_pixels=None):
 
 # ---- chat ----
 
+def check_seed(seed):
+    if seed is not None and not 0 <= seed < MAX_SEED:
+        raise ValueError(f"--seed must lie in [0, 2^63), got {seed}")
+
+
 def check_sampling(temperature, top_k, top_p, seed):
     if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
         raise ValueError("need --temperature >= 0, --top-k >= 1, 0 < --top-p <= 1")
-    if seed is not None and not 0 <= seed < MAX_SEED:
-        raise ValueError(f"--seed must lie in [0, 2^63), got {seed}")
+    check_seed(seed)
 
 
 @torch.no_grad()
@@ -239,8 +243,7 @@ def check_image_args(texts, ratios, area, guidance, top_k, temperature, seed, pa
         raise ValueError(f"--cfg must be >= 0, got {guidance}")
     if top_k < 1 or temperature <= 0:
         raise ValueError(f"need --top-k >= 1 and --temperature > 0, got {top_k} and {temperature}")
-    if not 0 <= seed < MAX_SEED:
-        raise ValueError(f"--seed must lie in [0, 2^63), got {seed}")
+    check_seed(seed)
     if parallel < 0:
         raise ValueError(f"--parallel must be >= 0, got {parallel}")
 
