@@ -64,23 +64,21 @@ class Fields:
 
 
 IDS = {"pad_token_id": "pad_id", "bos_token_id": "bos_id", "eos_token_id": "eos_id"}
+LLM_FIXED = {"hidden_act": ("silu",), "rope_scaling": DEFAULT_ROPE, "tie_word_embeddings": (False,),
+             "pretraining_tp": (1,), "attention_bias": (False,), "mlp_bias": (False,)}  # both releases' decoders
 ORIGINAL_LLM = Fields(
     used={"vocab_size": "vocab_size", "hidden_size": "dim", "num_hidden_layers": "n_layers",
           "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "intermediate_size": "ffn_dim",
           "rope_theta": "rope_theta", "rms_norm_eps": "norm_eps", "max_position_embeddings": "max_seq_len",
           "image_area": "image_area", **IDS, "eol_token_id": "eol_id", "eof_token_id": "eof_id",
           "img_token_id": "wrapper_id", "boi_token_id": "boi_id", "eoi_token_id": "eoi_id"},
-    fixed={"hidden_act": ("silu",), "rope_scaling": DEFAULT_ROPE, "tie_word_embeddings": (False,),
-           "pretraining_tp": (1,), "attention_bias": (False,), "mlp_bias": (False,)},
-    inert=INERT)
+    fixed=LLM_FIXED, inert=INERT)
 HF_TEXT = Fields(
     used={"vocab_size": "vocab_size", "hidden_size": "dim", "num_hidden_layers": "n_layers",
           "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "intermediate_size": "ffn_dim",
           "rope_theta": "rope_theta", "rms_norm_eps": "norm_eps", "max_position_embeddings": "max_seq_len", **IDS,
           "rope_parameters": None, "head_dim": None},  # checked by hand below
-    fixed={"hidden_act": ("silu",), "rope_scaling": DEFAULT_ROPE, "tie_word_embeddings": (False,),
-           "pretraining_tp": (1,), "attention_bias": (False,), "mlp_bias": (False,)},
-    inert=INERT)
+    fixed=LLM_FIXED, inert=INERT)
 HF_TOP = Fields(used={"text_config": None, "vq_config": None, "vocabulary_map": None},
                 fixed={"tie_word_embeddings": (False,)}, inert=INERT | {"image_token_id"})
 VQ_FIXED = {"in_channels": (3,), "out_channels": (3,)}
@@ -238,15 +236,15 @@ def emu3_config(path, image_area=None):
     """(Emu3Config, checked fields) of a released LLM directory."""
     fmt, file = source_format(path), os.path.join(path, "config.json")
     conf = read_json(file)
-    if fmt == "hf" and "vocabulary_map" not in conf:  # a bare text model: the ids of the specials are in its tokenizer
-        tokenizer_file = os.path.join(path, "tokenizer.json")
-        if not os.path.isfile(tokenizer_file):
-            raise ValueError(f"{file} has no vocabulary_map and {path} no tokenizer.json: nothing says which ids the "
-                             f"image tokens have")
-        vocabulary = checkpoint.load_tokenizer(tokenizer_file).get_vocab()
-        return emu3_config_from_hf(conf, image_area or 518400, file, vocabulary)
     if fmt == "hf":
-        return emu3_config_from_hf(conf, image_area or 518400, file)
+        vocabulary = None
+        if "vocabulary_map" not in conf:  # a bare text model: the ids of the specials are in its tokenizer
+            tokenizer_file = os.path.join(path, "tokenizer.json")
+            if not os.path.isfile(tokenizer_file):
+                raise ValueError(f"{file} has no vocabulary_map and {path} no tokenizer.json: nothing says which ids "
+                                 f"the image tokens have")
+            vocabulary = checkpoint.load_tokenizer(tokenizer_file).get_vocab()
+        return emu3_config_from_hf(conf, image_area or 518400, file, vocabulary)
     if fmt == "original-vq":
         raise ValueError(f"{path} holds only a vision tokenizer (Emu3-VisionTokenizer), no decoder")
     cfg, checked = emu3_config_from_original(conf, file)
@@ -260,11 +258,11 @@ def check_release(path, decoder=True):
     vision tokenizer or with decoder=False; ImageConfig; whether it holds a VQ-VAE)."""
     fmt, file = source_format(path), os.path.join(path, "config.json")
     cfg = emu3_config(path)[0] if decoder and fmt != "original-vq" else None
-    if fmt == "hf" and "vq_config" in read_json(file):
-        vq_config_from_hf(read_json(file), file)
-    elif fmt == "original-vq":
-        vq_config_from_original(read_json(file), file)
-    return cfg, image_config(path), fmt != "original" and (fmt != "hf" or "vq_config" in read_json(file))
+    conf = read_json(file)
+    has_vq = fmt == "original-vq" or (fmt == "hf" and "vq_config" in conf)
+    if has_vq:
+        (vq_config_from_hf if fmt == "hf" else vq_config_from_original)(conf, file)
+    return cfg, image_config(path), has_vq
 
 
 def source_dtype(path, files):

@@ -189,7 +189,8 @@ def load_vqvae(path, device="cpu"):
     return build(VQVAE, cfg, sd.items(), "VQ", device, torch.float32)
 
 
-def load_tokenizer(path, log=print):
+def load_tokenizer(path, log=lambda *a: print(*a, file=sys.stderr)):
+    """A release's tokenizer files -> our tokenizer, checked against the config's special ids; notes on stderr."""
     cfg, _ = emu3_config(path)
     hf = source_format(path) == "hf"
     tokenizer = tokenizer_from_hf(path, cfg, log) if hf else tokenizer_from_original(path, cfg)

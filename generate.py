@@ -309,22 +309,22 @@ def generate_image_tokens(model, cond_ids, neg_ids, grids, guidance=3.0, top_k=2
     L = tokens.shape[1]
     h = torch.tensor([g[0] for g in grids], device=dev)[:, None]  # (B, 1)
     w = torch.tensor([g[1] for g in grids], device=dev)[:, None]
-    n_new = max(gh * (gw + 1) + 3 for gh, gw in grids)
+    n_new, (gh, gw) = max((gh * (gw + 1) + 3, (gh, gw)) for gh, gw in grids)  # the largest image sets the length
     N = max(1, parallel)
     if L + n_new + N - 1 > cfg.max_seq_len:
-        raise ValueError(f"a {grids[0][0]}x{grids[0][1]} token image needs {n_new} tokens after the {L}-token "
-                         f"prompt, more than the model's {cfg.max_seq_len} positions: use a smaller --area")
+        raise ValueError(f"a {gh}x{gw} token image needs {n_new} tokens after the {L}-token prompt, more than the "
+                         f"model's {cfg.max_seq_len} positions: use a smaller --area")
     size = BUCKET * math.ceil((L + n_new + N - 1) / BUCKET)  # whole buckets, as in generate_text
     model.setup_cache(len(rows), size)
     step = torch.compile(image_scores, mode="reduce-overhead", fullgraph=True) if compile_step else image_scores
     args = (h, w, guidance, top_k, temperature)
     first = grid_window(cfg).start  # scores index the grid window: index + first = token id
     seeds = seed + torch.arange(B, device=dev)
-    greedy, last_row = top_k == 1, h * (w + 1) + 3  # (B, 1): a row's tokens after this are PAD
+    greedy, image_len = top_k == 1, h * (w + 1) + 3  # (B, 1): each row's image; PAD after it
 
     def pick(scores, positions):  # positions (T,) long: indices of the tokens being picked
         ids = pick_image(scores, greedy, seeds, positions, first)
-        return torch.where(positions[None, :] >= last_row, cfg.pad_id, ids)  # (B, T)
+        return torch.where(positions[None, :] >= image_len, cfg.pad_id, ids)  # (B, T)
 
     # prefill the prompts (prompt-length shapes, run once): the scores for token 0, whose offset is 1
     off0 = torch.ones(1, dtype=torch.long, device=dev)
@@ -364,11 +364,12 @@ def generate_image_tokens(model, cond_ids, neg_ids, grids, guidance=3.0, top_k=2
 def first_guess(out, positions, pick, h, w, cfg, first, n_ids):
     """Guesses (B, T) for positions no pass has predicted yet: the token one row up where out holds a visual token
     there (images repeat themselves vertically), else the noise alone under the grid rule (what a sample of flat
-    scores would be). bench/bench_parallel.py measured both on the toy: 2.63x fewer passes at --parallel 16 with
+    scores would be). bench/bench_parallel.py measured both on the toy: 2.64x fewer passes at --parallel 16 with
     the row above, 2.59x with the noise alone."""
     noise = pick(grid_mask(positions[None, :] + 1, h, w, cfg, first, n_ids), positions)  # (B, T)
     up = positions[None, :] - (w + 1)  # (B, T): the same column, one row up
-    visual = (up >= 0) & (up < positions[0]) & (positions[None, :] % (w + 1) != w) & (positions[None, :] < h * (w + 1))
+    in_grid = (positions[None, :] % (w + 1) != w) & (positions[None, :] < h * (w + 1))  # a visual position
+    visual = in_grid & (up >= 0) & (up < positions[0])  # ... whose row above is already in out
     return torch.where(visual, out.gather(1, up.clamp(min=0).expand(out.shape[0], -1)), noise)
 
 

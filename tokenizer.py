@@ -13,6 +13,7 @@ back into ranks by `ranks_from_vocab`); `load_tokenizer(dir)` reads the tokenize
 import base64
 import json
 import os
+import sys
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
@@ -140,7 +141,7 @@ def tokenizer_from_original(path, cfg):
     return build_tokenizer(ranks, n_visual=cfg.codebook_size)
 
 
-def tokenizer_from_hf(path, cfg, log=print):
+def tokenizer_from_hf(path, cfg, log=lambda *a: print(*a, file=sys.stderr)):
     """-hf tokenizer.json -> our tokenizer. It is used as it is when it splits text as the model was trained (NFC,
     then the Qwen regex); otherwise (e.g. the GPT-2 regex, which splits "90*90" into 90,*,90 instead of 9,0,*,9,0)
     it is rebuilt from its own vocabulary with the Qwen regex, and a line says so."""

@@ -436,10 +436,9 @@ def eval_sets(rng, n):
             ("trained", [random_scene(rng, TRAIN_SCENES) for _ in range(n)])]
 
 
-def evaluate(out, px, seed, n_eval):
-    """Print VQ reconstruction PSNR, colour/shape scores of generated images and of chat answers."""
+def evaluate(m, px, seed, n_eval):
+    """Print VQ reconstruction PSNR, colour/shape scores of generated images and of chat answers (m: sample.load)."""
     rng = random.Random(seed + 12345)
-    m = sample.load(out, "cpu", "bfloat16")
     # 1. VQ-VAE: reconstruction PSNR, and does the checker still read colour and shape after a round trip
     x, scenes = image_batch(rng, n_eval, px)
     with torch.no_grad():
@@ -471,14 +470,14 @@ def pct(oks):
     return f"{100 * sum(oks) / max(1, len(oks)):.0f}%"
 
 
-def sample_grid(out, path, px, seed, scale=3):
+def sample_grid(m, path, px, seed, scale=3):
     """A labelled grid for the README, each cell drawn by sample.images: rows = shapes, columns = colours,
     first large shapes in the center, then small ones in the places named under them."""
     places = list(POSITIONS)
     cells = [("large", sh, co, "in the center") for sh in SHAPES for co in COLOURS]
     cells += [("small", sh, co, places[(i * 5 + 1) % len(places)]) for i, (sh, co) in
               enumerate((sh, co) for sh in SHAPES for co in COLOURS)]
-    imgs = run_images(sample.load(out, "cpu", "bfloat16"), [f"a {si} {co} {sh} {po}" for si, sh, co, po in cells], seed)
+    imgs = run_images(m, [f"a {si} {co} {sh} {po}" for si, sh, co, po in cells], seed)
     s, label, n = px * scale, 14, len(COLOURS)
     rows = len(cells) // n
     grid = Image.new("RGB", (n * (s + 4) + 4, rows * (s + label + 4) + 4), (255, 255, 255))
@@ -511,9 +510,10 @@ def main(out, state, overwrite, px, seed, threads, vq_steps, vq_batch, vq_lr, po
             raise ValueError(f"{samples} exists: give another --samples path, or --overwrite")
         if samples:
             sample.image_paths(samples, 1)  # an image path in an existing folder, checked before the long eval
-        evaluate(out, px, seed, n_eval)
+        m = sample.load(out, "cpu", "bfloat16")
+        evaluate(m, px, seed, n_eval)
         if samples:
-            sample_grid(out, samples, px, seed)
+            sample_grid(m, samples, px, seed)
         return
     checkpoint.check_out_dir(out, overwrite)  # before hours of work: never into a checkpoint without --overwrite
     os.makedirs(state, exist_ok=True)
