@@ -1,6 +1,7 @@
 """Emu3 text decoder: a Llama-style GQA transformer over one shared text + visual-token vocabulary.
 
-Tracks the original BAAI `emu3/mllm/modeling_emu3.py` and transformers' `Emu3ForCausalLM` (reference §3, §4).
+Tracks the original BAAI code (baaivision/Emu3, `emu3/mllm/modeling_emu3.py`: Emu3Model, Emu3DecoderLayer) and
+transformers' port (`models/emu3/modeling_emu3.py`: Emu3ForCausalLM); docs/reference.md lists the details they share.
 Images enter as ordinary token ids (VQ code k -> visual_offset + k), so this file knows nothing about pixels.
 
     tokens (B,T) -> embed (B,T,4096)
@@ -13,18 +14,20 @@ RoPE tables are computed once in fp32 on the CPU (as the original's cos/sin cach
 just before use, attention softmax runs in fp32 (scaled_dot_product_attention), logits are upcast to fp32 like the
 original's `.float()`. Dropout (p=0.1 in the reference config, active only in training) is left out.
 
-One `forward(tokens, input_pos, pad)` serves training, prefill, chunked prefill and decode:
-`input_pos` (T,) are the cache columns the tokens occupy, `pad` (B,) the left-padding columns of each row.
-Row b sees key column j from query column c iff pad[b] <= j <= c (`attention_mask`), and its RoPE position for
-column c is c - pad[b]. Without input_pos and pad (a whole unpadded sequence from column 0) attention is plain
-causal, with no mask at all. Attention never passes a mask together with enable_gqa, so that a fused kernel (flash,
-memory-efficient) takes every call on any GPU: a masked call folds each kv head's query heads into the query axis.
+One `forward(tokens, input_pos, pad)` serves training, prefill, chunked prefill and decode, in two regimes: the
+whole sequence (training; no cache), or tokens at cache columns `input_pos` (T,) (prefill chunks and decode steps).
+`pad` (B,) gives the left-padding columns of each row: row b sees key column j from query column c iff
+pad[b] <= j <= c (`attention_mask`), and its RoPE position for column c is c - pad[b]. Unpadded prompts need no
+mask at all (causal attention aligned to the last token, which flash attention takes as is). A masked call never
+passes enable_gqa, so that a fused kernel takes it on any GPU: it folds each kv head's query heads into the query
+axis (`fold_heads`).
 """
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass
@@ -118,63 +121,108 @@ class KVCache(nn.Module):
 
     def update(self, input_pos, k, v):
         # input_pos (T,), k/v (B, n_kv_heads, T, head_dim) -> this batch's rows (B, n_kv_heads, max_len, head_dim);
-        # views of the first B rows, so a cache kept from a larger batch serves a smaller one
+        # views of the first B rows, so a cache kept from a larger batch serves a smaller one. index_copy_ writes
+        # through the view whatever k's memory layout (k and v arrive as transposed views of the projections)
         ck, cv = self.k[: k.shape[0]], self.v[: k.shape[0]]
         ck.index_copy_(2, input_pos, k)
         cv.index_copy_(2, input_pos, v)
         return ck, cv
 
 
+def fold_heads(q, n_kv_heads):
+    """(B, n_heads, T, hd) -> (B, n_kv_heads, group*T, hd): the query heads that share a kv head, as one longer
+    query axis (row g*T + t is head g of that group at token t).
+
+    Why: a masked attention call with GQA (enable_gqa=True) is refused by both fused GPU kernels (flash takes no
+    mask, memory-efficient no GQA) and falls to the math kernel, which copies K and V per query head in fp32.
+    Folded, it is a plain multi-head call over the cache as it is, which every kernel takes. The mask is folded
+    the same way (Emu3.forward)."""
+    B, H, T, hd = q.shape
+    return q.reshape(B, n_kv_heads, H // n_kv_heads * T, hd)
+
+
+def unfold_heads(y, n_heads):
+    """(B, n_kv_heads, group*T, hd) -> (B, n_heads, T, hd). reshape, not view: CUDA's fused kernels return their
+    output as (B, T, H, hd) memory behind a (B, H, T, hd) view, which no view can regroup."""
+    B, _, GT, hd = y.shape
+    return y.reshape(B, n_heads, -1, hd)
+
+
 class Attention(nn.Module):
+    """GQA self-attention with RoPE. q, k and v come from one fused projection (wqkv: one GEMM); checkpoints keep
+    the references' three matrices, and the two state-dict hooks below join and split them on the way in and out."""
+
     def __init__(self, cfg: Emu3Config):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.split = [q_dim, kv_dim, kv_dim]
+        self.wqkv = nn.Linear(cfg.dim, q_dim + 2 * kv_dim, bias=False)  # rows: wq | wk | wv
+        self.wo = nn.Linear(q_dim, cfg.dim, bias=False)
         self.cache = None  # KVCache after Emu3.setup_cache
-        self.wq_rows, self.wkv_rows = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.register_load_state_dict_pre_hook(join_weights("wqkv", ("wq", "wk", "wv")))
+        self.register_state_dict_post_hook(split_weights("wqkv", ("wq", "wk", "wv"), self.split))
 
     def forward(self, x, cos, sin, mask, input_pos, kv_len=None):
-        """x (B,T,dim); mask (B,1,group*T,S) folded (see Emu3.forward), or None for plain causal attention over a
-        whole sequence from column 0; kv_len: attention reads only cache columns < kv_len."""
+        """x (B,T,dim) -> (B,T,dim). Without input_pos the tokens are the whole sequence and the cache is not
+        touched; with it they are written at cache columns input_pos and attention reads the columns < kv_len.
+        mask (B,1,group*T,S) bool, folded as the queries; None: causal, the last query seeing the last key."""
         B, T, _ = x.shape
-        if hasattr(self, "wqkv"):  # fused at load time (Emu3.fuse): one GEMM
-            q, k, v = F.linear(x, self.wqkv).split([self.wq_rows, self.wkv_rows, self.wkv_rows], dim=-1)
-        else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q, k, v = self.wqkv(x).split(self.split, dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cache is not None:
+        if input_pos is not None:
             k, v = self.cache.update(input_pos, k, v)  # (B, n_kv_heads, max_len, hd)
             k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # (B, n_kv_heads, S, hd) views: columns < kv_len only
-        # GQA: query head h reads kv head h // group, as the references' repeat_kv does, without copying the cache
-        # scale 1/sqrt(head_dim); softmax accumulates in fp32
-        if mask is None:  # causal from column 0, no padding: flash attention takes it, GQA included
-            y = F.scaled_dot_product_attention(q, k[:, :, :T], v[:, :, :T], is_causal=True, enable_gqa=True)
-        else:  # the query heads of each kv head as one longer query axis: (B, n_kv_heads, group*T, hd)
-            group = self.n_heads // self.n_kv_heads
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, group * T, self.head_dim), k, v,
-                                               attn_mask=mask)
-        return self.wo(y.view(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1))
+        # scale 1/sqrt(head_dim), softmax accumulated in fp32; query head h reads kv head h // group, as the
+        # references' repeat_kv does, without copying the cache
+        if mask is None:  # query t sees keys <= S - T + t: flash takes it with GQA, and no mask is materialised
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, k.shape[2]), enable_gqa=True)
+        else:
+            y = unfold_heads(F.scaled_dot_product_attention(fold_heads(q, self.n_kv_heads), k, v, attn_mask=mask),
+                             self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, n_heads * hd)
 
 
 class MLP(nn.Module):
+    """SwiGLU: w_down(silu(gate) * up), gate and up from one fused projection (w13, rows gate | up)."""
+
     def __init__(self, cfg: Emu3Config):
         super().__init__()
-        self.w_gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.w_up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)
         self.w_down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.register_load_state_dict_pre_hook(join_weights("w13", ("w_gate", "w_up")))
+        self.register_state_dict_post_hook(split_weights("w13", ("w_gate", "w_up"), [cfg.ffn_dim] * 2))
 
     def forward(self, x):
-        if hasattr(self, "w13"):  # fused at load time (Emu3.fuse)
-            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
-        else:
-            gate, up = self.w_gate(x), self.w_up(x)
-        return self.w_down(F.silu(gate) * up)  # SwiGLU
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up)
+
+
+def join_weights(fused, parts):
+    """A load_state_dict pre-hook: the checkpoint's separate matrices (prefix + part + ".weight", and any other
+    per-row tensor stored beside them under the same suffix) concatenated by rows under prefix + fused, as
+    gpt-fast's load hook does. A state dict already fused passes as is."""
+    def hook(module, state_dict, prefix, *args):
+        first = f"{prefix}{parts[0]}."
+        for suffix in [k[len(first):] for k in list(state_dict) if k.startswith(first)]:
+            names = [f"{prefix}{p}.{suffix}" for p in parts]
+            if all(n in state_dict for n in names):
+                state_dict[f"{prefix}{fused}.{suffix}"] = torch.cat([state_dict.pop(n) for n in names])
+    return hook
+
+
+def split_weights(fused, parts, rows):
+    """A state_dict post-hook: the fused tensors back under the checkpoint's names (row slices, no copy), so that
+    a loaded model saves, converts and trains under the names of its checkpoint."""
+    def hook(module, state_dict, prefix, local_metadata):
+        first = f"{prefix}{fused}."
+        for name in [k for k in list(state_dict) if k.startswith(first)]:
+            for part, t in zip(parts, state_dict.pop(name).split(rows)):
+                state_dict[f"{prefix}{part}.{name[len(first):]}"] = t
+    return hook
 
 
 class Block(nn.Module):
@@ -207,18 +255,6 @@ class Emu3(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
-    @torch.no_grad()
-    def fuse(self):
-        """For inference: q, k, v as one (q+k+v, dim) weight and gate, up as one (2 ffn_dim, dim), built layer by
-        layer (the old weights freed as the new ones appear): 2 GEMMs instead of 5 per layer, the same sums. The
-        checkpoint's names stay as they are; a fused model is not for training or saving."""
-        for layer in self.layers:
-            a, m = layer.attn, layer.mlp
-            a.wqkv = nn.Parameter(torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]), requires_grad=False)
-            m.w13 = nn.Parameter(torch.cat([m.w_gate.weight, m.w_up.weight]), requires_grad=False)
-            del a.wq, a.wk, a.wv, m.w_gate, m.w_up
-        return self
-
     def setup_cache(self, batch_size: int, max_len: int) -> None:
         """Static KV caches (batch_size, n_kv_heads, max_len, head_dim), zeroed, on the model's device and dtype, and
         the RoPE table for max_len positions. Kept between calls: a call that needs no more rows or columns than
@@ -234,6 +270,12 @@ class Emu3(nn.Module):
             layer.attn.cache = KVCache(batch_size, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, w.device, w.dtype)
         self.rope_for(max_len, w.device)
 
+    def clear_cache(self) -> None:
+        """Free the KV caches and the RoPE table; the next setup_cache allocates them again."""
+        for layer in self.layers:
+            layer.attn.cache = None
+        self.rope = None
+
     def rope_for(self, n_positions, device):
         """The fp32 RoPE table (cos, sin), each (>= n_positions, head_dim) on device, built on the CPU when missing
         or too short. A plain attribute, not a buffer, so that model.to(bf16) cannot round it."""
@@ -243,38 +285,40 @@ class Emu3(nn.Module):
         return self.rope
 
     def forward(self, tokens, input_pos=None, pad=None, last_only=False, vocab=None, kv_len=None):
-        """tokens (B,T) long -> fp32 logits (B,T,V), or (B,1,V) with last_only.
+        """tokens (B,T) long -> fp32 logits (B,T,V), or (B,1,V) with last_only. Two regimes:
 
-        input_pos (T,) long: cache columns of these tokens. pad (B,) long: left-padding columns per row.
-        Both None: a whole unpadded sequence from column 0 (training, or an unpadded prefill), attended causally
-        with no mask, which fused kernels (flash) take as is.
-        kv_len: an int above every input_pos; attention reads only cache columns < kv_len (default: the whole
-        cache). Columns past the last token are masked out anyway, so this changes no result, only how much of the
-        cache each step reads; decode loops pass the position rounded up to a bucket (see generate.cache_len).
+        whole sequence (input_pos None): the tokens are columns 0..T-1 of each row, attended causally. The KV
+            cache, if one is set up, is neither read nor written (training, probes, parity tests).
+        cache (input_pos (T,) long: the cache columns these tokens occupy): their keys and values are written into
+            the cache, and attention reads its columns < kv_len (an int above every input_pos; default: all).
+        pad (B,) long: left-padding columns per row. With pad or kv_len, a mask (attention_mask) hides the padding
+        and the columns not yet written; with neither, attention is causal aligned to the last token (a prefill
+        chunk: the last query sees the last column written) and no mask is built, so fused kernels take it.
+        kv_len changes no result, only how much of the cache a step reads; decode loops pass the position rounded
+        up to a bucket (generate.cache_len).
         vocab: a slice of token ids; logits only for those (a view of lm_head's rows, no copy). Image generation
         asks only for the ids its grid rule can allow, which skips most of lm_head.
         """
         B, T = tokens.shape
         dev = tokens.device
-        cache = self.layers[0].attn.cache
-        n_positions = cache.k.shape[2] if cache is not None else T
-        cos, sin = self.rope_for(n_positions, dev)  # (n, head_dim) fp32
-        if input_pos is None and pad is None:
-            input_pos, mask = torch.arange(T, device=dev), None
-            pos = input_pos[None]  # (1, T)
+        cached = input_pos is not None
+        cols = input_pos if cached else torch.arange(T, device=dev)  # (T,) the columns of these tokens
+        if pad is None and kv_len is None:
+            mask = None
+            if cached:  # keys: every column up to this chunk's last (one host read; prefill runs it, not decode)
+                kv_len = int(input_pos[-1]) + 1
         else:
-            input_pos = torch.arange(T, device=dev) if input_pos is None else input_pos
             pad = torch.zeros(B, dtype=torch.long, device=dev) if pad is None else pad
-            # key columns: the cache's (up to kv_len), or just these tokens when running uncached
-            keys = torch.arange(kv_len or cache.k.shape[2], device=dev) if cache is not None else input_pos  # (S,)
+            S = (kv_len or self.layers[0].attn.cache.k.shape[2]) if cached else T
             group = self.cfg.n_heads // self.cfg.n_kv_heads
-            # one mask row per query head of a kv head, as Attention folds them: (B, 1, group*T, S)
-            mask = attention_mask(input_pos, pad, keys).repeat(1, 1, group, 1)
-            # RoPE position of column c in row b is c - pad[b]: every row starts at 0 at its first real token
-            pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T); padding columns' values are unused
+            # one mask row per query head of a kv head, as Attention folds the queries (fold_heads): (B,1,group*T,S)
+            mask = attention_mask(cols, pad, torch.arange(S, device=dev)).repeat(1, 1, group, 1)
+        # RoPE position of column c in row b is c - pad[b]: every row starts at 0 at its first real token
+        pos = cols[None] if pad is None else (cols[None, :] - pad[:, None]).clamp(min=0)  # (1 or B, T)
+        cos, sin = self.rope_for(self.layers[0].attn.cache.k.shape[2] if cached else T, dev)  # (n, head_dim) fp32
 
         x = self.embed(tokens)  # (B, T, dim)
-        cos, sin = cos[pos].to(x.dtype)[:, None], sin[pos].to(x.dtype)[:, None]  # (B or 1, 1, T, head_dim)
+        cos, sin = cos[pos].to(x.dtype)[:, None], sin[pos].to(x.dtype)[:, None]  # (1 or B, 1, T, head_dim)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos, kv_len)
         if last_only:

@@ -110,17 +110,18 @@ def left_pad(rows, pad_id, device):
     return tokens, pad, any(len(r) < L for r in rows)
 
 
-def prefill(model, tokens, pad, padded, size, last, chunk=PREFILL_CHUNK):
-    """Run the prompt (B, L) through the model chunk by chunk; last(tokens, input_pos, pad, kv_len) runs the final
-    chunk and its result is returned. An unpadded first chunk runs as plain causal attention (no mask: fused
-    kernels take it); later chunks, and padded prompts, see the cache through a mask."""
-    L = tokens.shape[1]
+def prefill(model, tokens, pad, padded, size, last, chunk=None):
+    """Run the prompt (B, L) into the cache chunk by chunk; last(tokens, input_pos, pad, kv_len) runs the final
+    chunk and its result is returned. Unpadded prompts run with no mask (pad and kv_len None: causal attention
+    aligned to each chunk's last column, which fused kernels take); padded ones see the cache through a mask."""
+    L, chunk = tokens.shape[1], chunk or PREFILL_CHUNK
     for a in range(0, L, chunk):
         b = min(L, a + chunk)
-        pos, p = (None, None) if a == 0 and not padded else (torch.arange(a, b, device=tokens.device), pad)
+        pos = torch.arange(a, b, device=tokens.device)
+        p, kv_len = (pad, cache_len(b, size)) if padded else (None, None)
         if b == L:
-            return last(tokens[:, a:b], pos, p, cache_len(b, size))
-        model(tokens[:, a:b], input_pos=pos, pad=p, last_only=True, kv_len=cache_len(b, size))
+            return last(tokens[:, a:b], pos, p, kv_len)
+        model(tokens[:, a:b], input_pos=pos, pad=p, last_only=True, kv_len=kv_len)
 
 
 # ---- text ----

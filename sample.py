@@ -74,7 +74,7 @@ def load(ckpt, device=None, dtype="bfloat16", vq=True, decoder=True):
     source, cfg, image_cfg, has_vq, training = settings(ckpt, decoder)
     if vq and not has_vq:
         raise ValueError(f"{ckpt} has no VQ-VAE (vision tokenizer): convert it with `convert.py --vq VQ_DIR`")
-    model = source.load_emu3(ckpt, device, dtype)[0].fuse() if decoder else None  # fused projections: fewer GEMMs
+    model = source.load_emu3(ckpt, device, dtype)[0] if decoder else None
     tokenizer = source.load_tokenizer(ckpt) if decoder else None
     return Loaded(model, cfg, source.load_vqvae(ckpt, device) if vq else None, tokenizer, image_cfg, training)
 

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from torch.nn.attention.bias import CausalBias
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
@@ -247,6 +248,9 @@ def test_no_attention_call_passes_a_mask_with_gqa(tiny, loaded, monkeypatch):
     calls, real = [], emu3.F.scaled_dot_product_attention
 
     def recording(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **kw):
+        if isinstance(attn_mask, CausalBias):  # causal aligned to the end: flash takes it on a GPU, no mask
+            calls.append((False, enable_gqa, True, q.shape[2]))
+            return real(q, k, v, attn_mask=attn_mask._materialize(q.device), enable_gqa=enable_gqa, **kw)
         calls.append((attn_mask is not None, enable_gqa, is_causal, q.shape[2]))
         return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa, **kw)
     monkeypatch.setattr(emu3.F, "scaled_dot_product_attention", recording)

@@ -181,17 +181,25 @@ def test_parity_hf_image_inputs():
 
 
 def test_fused_projections_match():
-    # Emu3.fuse (what sample.load runs): wq|wk|wv and w_gate|w_up as one GEMM each, the same logits within fp32 noise
+    # the model holds wq|wk|wv and w_gate|w_up as one GEMM each (wqkv, w13); the same logits as transformers within
+    # fp32 noise, whole and through the cache; its state_dict keeps the checkpoint's names, and round-trips
     cfg = small_cfg(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=256)
     hf, ours = hf_pair(cfg, seed=11)
     ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
         ref, plain = hf(ids).logits, ours(ids)
-        fused = copy.deepcopy(ours).fuse()
-        assert not hasattr(fused.layers[0].attn, "wq") and fused.layers[0].attn.wqkv.shape == (128 + 2 * 32, 128)
-        out = fused(ids)
-        fused.setup_cache(2, 32)  # and through the cache, prefill then decode
-        steps = [fused(ids[:, :9], torch.arange(9))] + [fused(ids[:, t:t + 1], torch.tensor([t])) for t in range(9, 16)]
+        fused = copy.deepcopy(ours)
+        assert not hasattr(fused.layers[0].attn, "wq") and fused.layers[0].attn.wqkv.weight.shape == (128 + 2 * 32, 128)
+        assert fused.layers[0].mlp.w13.weight.shape == (2 * 256, 128)
+        sd = fused.state_dict()
+        assert {"layers.0.attn.wq.weight", "layers.0.attn.wk.weight", "layers.0.attn.wv.weight",
+                "layers.0.mlp.w_gate.weight", "layers.0.mlp.w_up.weight"} <= sd.keys()
+        assert not any("wqkv" in k or "w13" in k for k in sd)
+        again = Emu3(cfg).eval()
+        again.load_state_dict(sd, strict=True)
+        out = again(ids)
+        again.setup_cache(2, 32)  # and through the cache, prefill then decode
+        steps = [again(ids[:, :9], torch.arange(9))] + [again(ids[:, t:t + 1], torch.tensor([t])) for t in range(9, 16)]
     assert max_diff(out, ref) <= FP32_TOL and max_diff(out, plain) <= FP32_TOL
     assert max_diff(torch.cat(steps, 1), ref) <= FP32_TOL
 
@@ -319,7 +327,7 @@ def test_dtype_and_device_agnostic():
         out = copy.deepcopy(m).to(torch.bfloat16)(ids)
     assert out.dtype == torch.float32
     assert max_diff(out, ref) <= 0.05 * ref.abs().max().item()
-    assert len(m.state_dict()) == len(list(m.parameters()))  # no buffers that a .to(bf16) could cast
+    assert not dict(m.named_buffers())  # no buffers that a .to(bf16) could cast
 
 
 def test_decode_step_is_one_graph():

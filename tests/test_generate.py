@@ -158,8 +158,9 @@ def test_one_batch_equals_two_passes(models, monkeypatch):
     mc.setup_cache(2, Lc + n_new)
     mu.setup_cache(2, Ln + n_new)
     with torch.no_grad():
-        lc = mc(torch.tensor([[cfg.pad_id] * (Lc - len(r)) + r for r in cond]), pad=pad_c, last_only=True)[:, -1]
-        lu = mu(torch.tensor(neg), last_only=True)[:, -1]
+        lc = mc(torch.tensor([[cfg.pad_id] * (Lc - len(r)) + r for r in cond]), torch.arange(Lc), pad=pad_c,
+                last_only=True)[:, -1]
+        lu = mu(torch.tensor(neg), torch.arange(Ln), last_only=True)[:, -1]
         ref = []
         for i in range(n_new):
             scores = generate.guidance_scores(lc, lu, 3.0)
