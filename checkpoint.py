@@ -3,8 +3,10 @@
     DIR/config.json                       {"emu3": Emu3Config fields, "vqvae": VQConfig fields,
                                            "image": ImageConfig fields (input images: pixel limits, transparency),
                                            "source": what it was converted from and which fields were checked,
-                                           "training": what a toy was trained on (its image grid)}
-    DIR/model-0000k-of-0000N.safetensors  decoder weights, our names (emu3.py's state dict), any float dtype
+                                           "training": what a toy was trained on (its image grid),
+                                           "quantization": "int8" when the matrices are stored as int8}
+    DIR/model-0000k-of-0000N.safetensors  decoder weights, our names (emu3.py's state dict), any float dtype; int8:
+                                          every matrix NAME.weight int8 + NAME.scale fp32 (quantize.py)
     DIR/vqvae.safetensors                 VQ-VAE weights, the original taming-style names, fp32
     DIR/tokenizer.json                    a `tokenizers` file, every special and visual token at its reference id
 
@@ -24,6 +26,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+import quantize
+import tp
 from emu3 import Emu3, Emu3Config
 from tokenizer import load_tokenizer
 from vqvae import VQVAE, ImageConfig, VQConfig
@@ -31,6 +35,7 @@ from vqvae import VQVAE, ImageConfig, VQConfig
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 SECTIONS = {"emu3": Emu3Config, "vqvae": VQConfig, "image": ImageConfig}
 OTHER_SECTIONS = ("source", "training")  # records, read by people and logs, not by the models
+QUANTIZATIONS = ("int8",)  # the "quantization" entry: how the decoder's matrices are stored (quantize.py)
 RENAMED = {"img_id": "wrapper_id"}  # fields of directories written by earlier versions
 
 
@@ -142,6 +147,11 @@ def read_config(path):
         if name in OTHER_SECTIONS:
             out[name] = value
             continue
+        if name == "quantization":
+            if value not in QUANTIZATIONS:
+                raise ValueError(f"{file}: unknown quantization {value!r} (known: {', '.join(QUANTIZATIONS)})")
+            out[name] = value
+            continue
         if name not in SECTIONS:
             raise ValueError(f"{file}: unknown section {name!r}")
         value = {RENAMED.get(k, k): v for k, v in value.items()}
@@ -168,8 +178,32 @@ def weight_files(path):
     return [os.path.join(path, f) for f in files]
 
 
-def load_emu3(path, device="cpu", dtype=torch.bfloat16):
-    """Our checkpoint dir -> (Emu3 in eval mode on device/dtype, Emu3Config). Strict.
+def emu3_structure(int8=False, shard=None):
+    """A model_cls for build and shapes_of: cfg -> Emu3(cfg), int8 (quantize.int8) and/or one process's part of it
+    (shard = (rank, world): tp.shard), in that order (scales come from whole rows)."""
+    def structure(cfg):
+        model = Emu3(cfg)
+        if int8:
+            quantize.int8(model)
+        return model if shard is None else tp.shard(model, *shard)
+    return structure
+
+
+def build_emu3(cfg, tensors, device, dtype, int8=False, shard=None):
+    """Decoder (name, tensor) pairs (our names) -> Emu3 in eval mode on device/dtype, strict. int8: float matrices
+    are quantized as they stream (int8 ones pass); shard (rank, world): only that process's part of each tensor is
+    kept. One tensor at a time, cast as it is read: the peak is about the final size, never a whole float model."""
+    if int8:
+        tensors = quantize.int8_tensors(tensors)
+    if shard is not None:
+        tensors = tp.shard_tensors(tensors, *shard)
+    tensors = ((k, t.to(dtype) if t.is_floating_point() else t) for k, t in tensors)
+    return build(emu3_structure(int8, shard), cfg, tensors, "LLM", device, dtype)
+
+
+def load_emu3(path, device="cpu", dtype=torch.bfloat16, int8=False, shard=None):
+    """Our checkpoint dir -> (Emu3 in eval mode on device/dtype, Emu3Config). Strict. int8: quantized as it loads
+    (an int8 checkpoint always loads as int8); shard (rank, world): one tensor-parallel part (tp.py).
 
     On the CPU with the stored dtype the weights stay memory-mapped (no copy, pages read on demand): do not
     overwrite the checkpoint files while the model is alive; save elsewhere and rename (as `save` does).
@@ -179,9 +213,8 @@ def load_emu3(path, device="cpu", dtype=torch.bfloat16):
     if "emu3" not in conf:
         raise ValueError(f"{path}/config.json has no 'emu3' section")
     cfg = conf["emu3"]
-    # cast tensor by tensor as they are read: the peak is about the final size
-    tensors = ((k, t.to(dtype)) for file in weight_files(path) for k, t in read_tensors(file, device=device))
-    return build(Emu3, cfg, tensors, "LLM", device, dtype), cfg
+    tensors = ((k, t) for file in weight_files(path) for k, t in read_tensors(file, device=device))
+    return build_emu3(cfg, tensors, device, dtype, int8 or conf.get("quantization") == "int8", shard), cfg
 
 
 def load_vqvae(path, device="cpu"):
@@ -210,10 +243,11 @@ def check_out_dir(out, overwrite=False):
     return out
 
 
-def save(out, cfg=None, shards=(), vq=None, tokenizer=None, image=None, overwrite=False, **records):
+def save(out, cfg=None, shards=(), vq=None, tokenizer=None, image=None, overwrite=False, int8=False, **records):
     """Write our checkpoint directory `out`: config, decoder shards (an iterable of {key: tensor}, written one at a
-    time, so the caller can stream them), the VQ-VAE (fp32) and the tokenizer. Everything goes into a temporary
-    folder beside `out`, renamed at the end: an error half-way leaves nothing behind. Returns the config written.
+    time, so the caller can stream them; int8: their matrices quantized, quantize.int8_tensors), the VQ-VAE (fp32)
+    and the tokenizer. Everything goes into a temporary folder beside `out`, renamed at the end: an error half-way
+    leaves nothing behind. Returns the config written.
 
     records: extra config sections (source=..., training=...); every tensor is checked against the models first.
     """
@@ -224,7 +258,9 @@ def save(out, cfg=None, shards=(), vq=None, tokenizer=None, image=None, overwrit
         conf = {}
         if cfg is not None:
             conf["emu3"] = config_dict(cfg)
-            want, seen, n = shapes_of(Emu3, cfg), set(), 0
+            if int8:
+                conf["quantization"] = "int8"
+            want, seen, n = shapes_of(emu3_structure(int8), cfg), set(), 0
             for shard in shards:  # (not enumerate: its reused result tuple would keep the last shard alive)
                 n += 1
                 check_tensors(shard, want, "LLM", complete=False)  # extra / misshapen keys, named
@@ -260,6 +296,6 @@ def save(out, cfg=None, shards=(), vq=None, tokenizer=None, image=None, overwrit
     return conf
 
 
-__all__ = ["DTYPES", "build", "check_out_dir", "check_tensors", "is_ours", "load_emu3", "load_tokenizer",
+__all__ = ["DTYPES", "build", "build_emu3", "check_out_dir", "check_tensors", "is_ours", "load_emu3", "load_tokenizer",
            "load_vqvae", "parse_device", "parse_dtype", "read_config", "read_json", "read_tensors", "save",
            "shapes_of"]

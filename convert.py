@@ -30,6 +30,7 @@ import sys
 import torch
 
 import checkpoint
+import quantize
 from checkpoint import build, check_tensors, parse_dtype, read_json, read_tensors, shapes_of
 from configs import emu3_config, image_config, source_dtype, source_format, vq_config_from_hf, vq_config_from_original
 from emu3 import Emu3, Emu3Config
@@ -163,13 +164,14 @@ def llm_tensors(file, fmt, dtype=None, device="cpu"):
 
 # ---- loading a release in memory (the same five functions as checkpoint.py) ----
 
-def load_emu3(path, device="cpu", dtype=torch.bfloat16, image_area=None):
-    """A released directory -> (Emu3 in eval mode, Emu3Config), converted in memory with every check of `convert`."""
+def load_emu3(path, device="cpu", dtype=torch.bfloat16, image_area=None, int8=False, shard=None):
+    """A released directory -> (Emu3 in eval mode, Emu3Config), converted in memory with every check of `convert`;
+    int8 and shard as in checkpoint.load_emu3 (quantized from the release's own precision)."""
     device, dtype = checkpoint.parse_device(device), parse_dtype(dtype)
     cfg, _ = emu3_config(path, image_area)
     fmt = source_format(path)
-    tensors = (kt for file in weight_files(path) for kt in llm_tensors(file, fmt, dtype, device))
-    return build(Emu3, cfg, tensors, "LLM", device, dtype), cfg
+    tensors = (kt for file in weight_files(path) for kt in llm_tensors(file, fmt, None, device))
+    return checkpoint.build_emu3(cfg, tensors, device, dtype, int8, shard), cfg
 
 
 def load_vqvae(path, device="cpu"):
@@ -200,9 +202,11 @@ def load_tokenizer(path, log=lambda *a: print(*a, file=sys.stderr)):
 
 # ---- the command line: a release -> our directory ----
 
-def convert(src, out, vq=None, dtype=None, image_area=None, log=lambda *a: print(*a, file=sys.stderr)):
+def convert(src, out, vq=None, dtype=None, image_area=None, int8=False, log=lambda *a: print(*a, file=sys.stderr)):
     """Stream a release into our format, one output shard per input shard (peak ~ one shard), into a temporary
-    folder renamed to `out` at the end. dtype None keeps the release's own (as transformers' dtype="auto")."""
+    folder renamed to `out` at the end. dtype None keeps the release's own (as transformers' dtype="auto"). int8:
+    every matrix stored as int8 + per-row fp32 scales, quantized from the release's precision (quantize.py); dtype
+    then sets the norms'."""
     checkpoint.check_out_dir(out)
     if image_area is not None and image_area <= 0:
         raise ValueError(f"--image-area must be positive, got {image_area}")
@@ -225,14 +229,20 @@ def convert(src, out, vq=None, dtype=None, image_area=None, log=lambda *a: print
 
     def shards():  # one at a time: each is dropped before the next is read
         for file in files:
-            shard = dict(llm_tensors(file, fmt, dtype))
+            tensors = llm_tensors(file, fmt)
+            if int8:  # from the source's own precision; the norms then take dtype
+                tensors = ((k, t if t.dtype == torch.int8 or k.endswith(".scale") else t.to(dtype))
+                           for k, t in quantize.int8_tensors(tensors))
+            else:
+                tensors = ((k, t.to(dtype)) for k, t in tensors)
+            shard = dict(tensors)
             if shard:  # an -hf shard of only vqmodel.* tensors gives none
                 log(f"{os.path.basename(file)}: {len(shard)} tensors")
                 yield shard
             del shard
     record = {"format": fmt, "path": os.path.abspath(src), "vq": vq_src and os.path.abspath(vq_src),
               "dtype": str(dtype).removeprefix("torch."), "checked": checked}
-    checkpoint.save(out, cfg, shards(), vq_model, tokenizer, image, source=record)
+    checkpoint.save(out, cfg, shards(), vq_model, tokenizer, image, int8=int8, source=record)
 
 
 if __name__ == "__main__":
@@ -243,6 +253,9 @@ if __name__ == "__main__":
     parser.add_argument("--vq", default=None, help="Emu3-VisionTokenizer dir (needed for an original src)")
     parser.add_argument("--dtype", default=None, choices=list(checkpoint.DTYPES),
                         help="decoder weight dtype (default: the source's own, e.g. float32 for the releases)")
+    parser.add_argument("--int8", action="store_true",
+                        help="store every decoder matrix as int8 with one scale per row (about half of bf16; "
+                             "loads as int8, never as a float copy)")
     parser.add_argument("--image-area", type=int, default=None,
                         help="pixel area of generated images (default: the source's image_area; 518400 = 720x720 "
                              "for -hf sources, which record none)")

@@ -161,7 +161,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(q_dim, cfg.dim, bias=False)
         self.cache = None  # KVCache after Emu3.setup_cache
         self.register_load_state_dict_pre_hook(join_weights("wqkv", ("wq", "wk", "wv")))
-        self.register_state_dict_post_hook(split_weights("wqkv", ("wq", "wk", "wv"), self.split))
+        self.register_state_dict_post_hook(split_weights("wqkv", ("wq", "wk", "wv")))
 
     def forward(self, x, cos, sin, mask, input_pos, kv_len=None):
         """x (B,T,dim) -> (B,T,dim). Without input_pos the tokens are the whole sequence and the cache is not
@@ -191,10 +191,11 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: Emu3Config):
         super().__init__()
-        self.w13 = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)
+        self.split = [cfg.ffn_dim, cfg.ffn_dim]
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)  # rows: w_gate | w_up
         self.w_down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
         self.register_load_state_dict_pre_hook(join_weights("w13", ("w_gate", "w_up")))
-        self.register_state_dict_post_hook(split_weights("w13", ("w_gate", "w_up"), [cfg.ffn_dim] * 2))
+        self.register_state_dict_post_hook(split_weights("w13", ("w_gate", "w_up")))
 
     def forward(self, x):
         gate, up = self.w13(x).chunk(2, dim=-1)
@@ -214,15 +215,23 @@ def join_weights(fused, parts):
     return hook
 
 
-def split_weights(fused, parts, rows):
-    """A state_dict post-hook: the fused tensors back under the checkpoint's names (row slices, no copy), so that
-    a loaded model saves, converts and trains under the names of its checkpoint."""
+def split_weights(fused, parts):
+    """A state_dict post-hook: the fused tensors back under the checkpoint's names (row slices by the module's
+    `split`, read when it saves; no copy), so that a loaded model saves, converts and trains under the names of its
+    checkpoint."""
     def hook(module, state_dict, prefix, local_metadata):
         first = f"{prefix}{fused}."
         for name in [k for k in list(state_dict) if k.startswith(first)]:
-            for part, t in zip(parts, state_dict.pop(name).split(rows)):
+            for part, t in zip(parts, state_dict.pop(name).split(module.split)):
                 state_dict[f"{prefix}{part}.{name[len(first):]}"] = t
     return hook
+
+
+class Head(nn.Linear):
+    """lm_head: logits for every id, or only for the ids of `rows` (a slice of the weight's rows: a view, no copy)."""
+
+    def forward(self, x, rows=None):
+        return F.linear(x, self.weight if rows is None else self.weight[rows])
 
 
 class Block(nn.Module):
@@ -245,7 +254,7 @@ class Emu3(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)  # untied from embed
+        self.lm_head = Head(cfg.dim, cfg.vocab_size, bias=False)  # untied from embed
         self.rope = None  # (cos, sin) fp32 tables, see rope_for
         self.apply(self._init_weights)  # a no-op (and instant) when built on the meta device
 
@@ -260,14 +269,15 @@ class Emu3(nn.Module):
         the RoPE table for max_len positions. Kept between calls: a call that needs no more rows or columns than
         the present cache reuses it (its storage, and so any CUDA graph recorded over it); columns left from an
         earlier call are finite and masked out."""
-        w, cache = self.embed.weight, self.layers[0].attn.cache
+        w, cache = self.norm.weight, self.layers[0].attn.cache  # the activations' device and dtype
         if (cache is not None and cache.k.shape[0] >= batch_size and cache.k.shape[2] >= max_len
                 and cache.k.device == w.device and cache.k.dtype == w.dtype):
             return
         for layer in self.layers:
             layer.attn.cache = None  # free the old cache before the new one is allocated
         for layer in self.layers:
-            layer.attn.cache = KVCache(batch_size, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, w.device, w.dtype)
+            a = layer.attn  # the layer's own kv heads and head size, which need not be the config's
+            a.cache = KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, w.device, w.dtype)
         self.rope_for(max_len, w.device)
 
     def clear_cache(self) -> None:
@@ -323,5 +333,4 @@ class Emu3(nn.Module):
             x = layer(x, cos, sin, mask, input_pos, kv_len)
         if last_only:
             x = x[:, -1:]  # (B, 1, dim)
-        head = self.lm_head.weight if vocab is None else self.lm_head.weight[vocab]  # (V or V', dim)
-        return F.linear(self.norm(x), head).float()  # the original upcasts logits with .float()
+        return self.lm_head(self.norm(x), vocab).float()  # (B, T, V or V'); the original upcasts with .float()

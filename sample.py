@@ -34,13 +34,15 @@ import configs
 import convert
 import generate
 import prompts
+import tp
 from vqvae import ImageConfig, postprocess, preprocess
 
 MAX_SEED = 2**63  # seeds are 0 .. 2^63 - 1
 
 
 def log(*args):
-    print(*args, file=sys.stderr, flush=True)
+    if tp.first():  # under torchrun, the first process speaks for all
+        print(*args, file=sys.stderr, flush=True)
 
 
 # ---- loading ----
@@ -68,13 +70,17 @@ def settings(ckpt, decoder=True):
     return convert, cfg, image_cfg, has_vq, None
 
 
-def load(ckpt, device=None, dtype="bfloat16", vq=True, decoder=True):
-    """Any checkpoint directory -> Loaded. device None: cuda when there is one, else cpu. The VQ-VAE stays fp32."""
-    device = checkpoint.parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def load(ckpt, device=None, dtype="bfloat16", vq=True, decoder=True, int8=False, tensor_parallel=False):
+    """Any checkpoint directory -> Loaded. device None: cuda when there is one, else cpu. The VQ-VAE stays fp32.
+    int8: the decoder's matrices in int8 (quantize.py; an int8 checkpoint always is). tensor_parallel: this
+    process's part of the decoder, under torchrun (tp.py); every process then runs every call together."""
+    device = tp.device_for(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = checkpoint.parse_device(device)
     source, cfg, image_cfg, has_vq, training = settings(ckpt, decoder)
     if vq and not has_vq:
         raise ValueError(f"{ckpt} has no VQ-VAE (vision tokenizer): convert it with `convert.py --vq VQ_DIR`")
-    model = source.load_emu3(ckpt, device, dtype)[0] if decoder else None
+    shard = tp.setup(device, cfg, tensor_parallel) if decoder else None
+    model = source.load_emu3(ckpt, device, dtype, int8=int8, shard=shard)[0] if decoder else None
     tokenizer = source.load_tokenizer(ckpt) if decoder else None
     return Loaded(model, cfg, source.load_vqvae(ckpt, device) if vq else None, tokenizer, image_cfg, training)
 
@@ -153,8 +159,9 @@ def chat(m, questions=(), pictures=(), *, raw=False, messages=None, system=promp
 
 
 def run_chat(ckpt, prompt, image, raw, messages, system, max_new_tokens, temperature, top_k, top_p, seed, device,
-             dtype, min_pixels, max_pixels, threads, compile_step):
-    """`python sample.py chat`: every input is read and checked before the model loads."""
+             dtype, min_pixels, max_pixels, threads, compile_step, int8=False, tensor_parallel=False):
+    """`python sample.py chat`: every input is read and checked before the model loads. Under torchrun: --tp splits
+    the decoder over the processes; without it, each process answers its share of the prompts (data parallel)."""
     set_threads(threads)
     check_sampling(temperature, top_k, top_p, seed)
     if max_new_tokens < 1:
@@ -167,31 +174,49 @@ def run_chat(ckpt, prompt, image, raw, messages, system, max_new_tokens, tempera
     convs = [read_messages(f) for f in messages or []]
     need = prompts.images_needed(prompt or [], len(image or []), raw, convs)
     pictures = [open_image(p) for p in image or []]  # read every file before loading the model
-    checkpoint.parse_device(device)
+    device = checkpoint.parse_device(tp.device_for(device))
+    tp.setup(device, settings(ckpt)[1], tensor_parallel)  # --tp's checks, then torchrun's processes joined
     if temperature > 0 and seed is None:
-        seed = random.randrange(MAX_SEED)
+        seed = tp.gather([random.randrange(MAX_SEED)])[0]  # the first process's draw, so that all agree
     if temperature > 0:
         log(f"seed {seed}")
-    t0 = time.perf_counter()
-    m = load(ckpt, device, dtype, vq=any(need))
-    log(f"loaded {ckpt} in {time.perf_counter() - t0:.1f}s")
     n = len(need)
-    streams = [generate.TextStream(m.tokenizer) for _ in range(n)]
+    lo, hi = (0, n) if tensor_parallel else tp.share(n, *tp.rank_world())  # this process's prompts
+    prompt, pictures, convs = chat_share(prompt or [], pictures, raw, convs, need, lo, hi)
+    t0 = time.perf_counter()
+    m = load(ckpt, device, dtype, vq=any(need), int8=int8, tensor_parallel=tensor_parallel)
+    log(f"loaded {ckpt} in {time.perf_counter() - t0:.1f}s")
+    streams = [generate.TextStream(m.tokenizer) for _ in range(hi - lo)]
 
     def on_tokens(b, ids):
         text = streams[b].push(ids)
-        if n == 1 and text:  # a single answer streams; a batch prints its answers at the end, in order
+        if n == 1 and text and tp.first():  # a single answer streams; a batch prints its answers at the end
             print(text, end="", flush=True)
 
     t0 = time.perf_counter()
-    chat(m, prompt or [], pictures, raw=raw, messages=convs, system=system, max_new_tokens=max_new_tokens,
-         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, min_pixels=min_pixels, max_pixels=max_pixels,
-         compile_step=compile_step, on_tokens=on_tokens)
-    for s in streams:
-        tail = s.flush()
-        print(s.text if n > 1 else tail, flush=True)
-    steps = max(len(s.ids) for s in streams)
+    if hi > lo:
+        chat(m, prompt, pictures, raw=raw, messages=convs, system=system, max_new_tokens=max_new_tokens,
+             temperature=temperature, top_k=top_k, top_p=top_p, seed=None if seed is None else seed + lo,
+             min_pixels=min_pixels, max_pixels=max_pixels, compile_step=compile_step, on_tokens=on_tokens)
+    tails = [s.flush() for s in streams]
+    answers = [s.text for s in streams] if tensor_parallel else tp.gather([s.text for s in streams])  # in order
+    if tp.first():
+        for text in answers if n > 1 else tails:
+            print(text, flush=True)
+    steps = max((len(s.ids) for s in streams), default=0)
     log(f"{n} answer(s), {steps} tokens at most, in {time.perf_counter() - t0:.2f}s")
+
+
+def chat_share(questions, pictures, raw, convs, need, lo, hi):
+    """The inputs of prompts lo..hi-1 of a chat batch (need: each prompt's image count, prompts.images_needed):
+    (questions, pictures, conversations) in the same form. One question or one image shared by all stays shared."""
+    if convs:
+        return questions, pictures, convs[lo:hi]
+    if not raw and len(questions) == 1:
+        return questions, pictures[lo:hi] if len(pictures) > 1 else pictures, convs
+    if not raw and len(pictures) == 1:
+        return questions[lo:hi], pictures, convs
+    return questions[lo:hi], pictures[sum(need[:lo]):sum(need[:hi])], convs
 
 
 def read_messages(path):
@@ -273,8 +298,10 @@ def save_image(picture, path):
 
 
 def run_image(ckpt, prompt, negative_prompt, ratio, area, guidance, top_k, temperature, batch, parallel, out, seed,
-              device, dtype, threads, compile_step):
-    """`python sample.py image`: arguments, output paths and the checkpoint's config are checked before it loads."""
+              device, dtype, threads, compile_step, int8=False, tensor_parallel=False):
+    """`python sample.py image`: arguments, output paths and the checkpoint's config are checked before it loads.
+    Under torchrun: --tp splits the decoder over the processes (the first writes); without it, each process draws
+    and writes its share of the images (data parallel), image k with seed + k as always."""
     set_threads(threads)
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
@@ -283,14 +310,14 @@ def run_image(ckpt, prompt, negative_prompt, ratio, area, guidance, top_k, tempe
     if len(ratios) not in (1, len(prompt)):
         raise ValueError(f"got {len(ratios)} --ratio for {len(prompt)} --prompt: give one, or one per prompt")
     ratios = [r for r in (ratios * len(prompt) if len(ratios) == 1 else ratios) for _ in range(batch)]
-    seed = random.randrange(MAX_SEED) if seed is None else seed
     check_image_args(texts, ratios, area, guidance, top_k, temperature, seed, parallel)
     paths = image_paths(out, len(texts))
-    checkpoint.parse_device(device)
+    device = checkpoint.parse_device(tp.device_for(device))
     _, cfg, _, has_vq, training = settings(ckpt)
     if cfg is None or not has_vq:
         raise ValueError(f"{ckpt} has no {'decoder' if cfg is None else 'VQ-VAE'}: image generation needs both "
                          f"(convert an original release with `convert.py --vq VQ_DIR`)")
+    tp.setup(device, cfg, tensor_parallel)  # --tp's checks, then torchrun's processes joined
     grids = [prompts.generate_size(r, cfg.image_area if area is None else area) for r in ratios]
     for h, w in set(grids):
         if h * (w + 1) + 3 >= cfg.max_seq_len:  # the exact check, prompt included, comes after tokenizing
@@ -301,9 +328,11 @@ def run_image(ckpt, prompt, negative_prompt, ratio, area, guidance, top_k, tempe
             gh, gw = training["image_grid"]
             log(f"note: this checkpoint was trained on {gh}x{gw} grids ({8 * gw}x{8 * gh} px) only: "
                 f"{h}x{w} is outside what it learned")
+    seed = tp.gather([random.randrange(MAX_SEED)])[0] if seed is None else seed  # the first process's draw
     log(f"seed {seed}")
+    lo, hi = (0, len(texts)) if tensor_parallel else tp.share(len(texts), *tp.rank_world())  # this process's images
     t0 = time.perf_counter()
-    m = load(ckpt, device, dtype)
+    m = load(ckpt, device, dtype, int8=int8, tensor_parallel=tensor_parallel)
     log(f"loaded {ckpt} in {time.perf_counter() - t0:.1f}s")
     eta = {}
 
@@ -314,14 +343,19 @@ def run_image(ckpt, prompt, negative_prompt, ratio, area, guidance, top_k, tempe
         log(f"token {done}/{total}, {passes} forward passes, {done / max(dt, 1e-9):.1f} tokens/s{left}")
 
     t0 = time.perf_counter()
-    pictures, passes = images(m, texts, ratios, negative_prompt=negative_prompt, area=area, guidance=guidance,
-                              top_k=top_k, temperature=temperature, seed=seed, parallel=parallel,
-                              compile_step=compile_step, progress=progress)
-    n_tokens = sum(h * (w + 1) + 3 for h, w in grids)
-    log(f"{len(texts)} image(s), {n_tokens} tokens in {time.perf_counter() - t0:.1f}s, {passes} forward passes")
-    for picture, path in zip(pictures, paths):
+    pictures, passes = images(m, texts[lo:hi], ratios[lo:hi], negative_prompt=negative_prompt, area=area,
+                              guidance=guidance, top_k=top_k, temperature=temperature, seed=seed + lo,
+                              parallel=parallel, compile_step=compile_step, progress=progress) if hi > lo else ([], 0)
+    n_tokens = sum(h * (w + 1) + 3 for h, w in grids[lo:hi])
+    log(f"{hi - lo} image(s), {n_tokens} tokens in {time.perf_counter() - t0:.1f}s, {passes} forward passes")
+    if tensor_parallel and not tp.first():
+        return  # every process drew the same images; the first one writes them
+    for picture, path in zip(pictures, paths[lo:hi]):
         save_image(picture, path)
-        print(path, flush=True)
+    written = paths if tensor_parallel else tp.gather(paths[lo:hi])  # once every process has written its own
+    if tp.first():
+        for path in written:
+            print(path, flush=True)
 
 
 # ---- recon: an image or a video through the VQ-VAE and back ----
@@ -404,6 +438,11 @@ def parser():
                          help="decoder dtype (the VQ-VAE stays fp32)")
     decoder.add_argument("--compile", dest="compile_step", action="store_true",
                          help="torch.compile the decode step (the GPU fast path)")
+    decoder.add_argument("--int8", action="store_true",
+                         help="decoder matrices in int8, one scale per row (about half the memory of bf16)")
+    decoder.add_argument("--tp", dest="tensor_parallel", action="store_true",
+                         help="under torchrun: split the decoder over the processes (tensor parallel); without "
+                              "it, torchrun's processes share the prompts (data parallel)")
     pixels = argparse.ArgumentParser(add_help=False)
     pixels.add_argument("--min-pixels", type=int, default=None,
                         help="input images are resized to at least this area (default: the checkpoint's, 512*512)")
@@ -457,7 +496,7 @@ def main(argv=None):
     try:
         run(**args)
     except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if tp.first() else 1)  # every process finds it; the first one says it
 
 
 if __name__ == "__main__":

@@ -501,7 +501,7 @@ TOY_LM = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512, rope_th
 
 
 def main(out, state, overwrite, px, seed, threads, vq_steps, vq_batch, vq_lr, pool, lm_steps, lm_batch, lm_lr,
-         run_eval, n_eval, samples, p_gen, p_uncond):
+         run_eval, n_eval, samples, p_gen, p_uncond, dtype, int8):
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -510,7 +510,7 @@ def main(out, state, overwrite, px, seed, threads, vq_steps, vq_batch, vq_lr, po
             raise ValueError(f"{samples} exists: give another --samples path, or --overwrite")
         if samples:
             sample.image_paths(samples, 1)  # an image path in an existing folder, checked before the long eval
-        m = sample.load(out, "cpu", "bfloat16")
+        m = sample.load(out, "cpu", dtype, int8=int8)
         evaluate(m, px, seed, n_eval)
         if samples:
             sample_grid(m, samples, px, seed)
@@ -572,6 +572,8 @@ if __name__ == "__main__":
                    help="score the checkpoint in --out through sample.py instead of training")
     p.add_argument("--n-eval", type=int, default=72, help="images / questions per eval score")
     p.add_argument("--samples", default=None, help="with --eval: also draw the README's sample grid to this PNG")
+    p.add_argument("--dtype", default="bfloat16", choices=list(checkpoint.DTYPES), help="with --eval: decoder dtype")
+    p.add_argument("--int8", action="store_true", help="with --eval: score the decoder with int8 weights (quantize.py)")
     args = p.parse_args()
     try:
         main(**vars(args))
