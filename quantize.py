@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-PACK_ROWS = 8  # CPU bf16: _weight_int8pack_mm is a per-row kernel, faster than dequantising up to about 8 rows
+PACK_ROWS = 16  # CPU bf16: _weight_int8pack_mm costs per row; up to 16 rows it beats dequantising (bench_int8.py)
 CHUNK = 4096  # rows quantized at a time: temporaries stay a few MB even for the 184622-row lm_head
 
 

@@ -12,6 +12,8 @@ Prints, in this order:
 3. a 16K-token chat prefill: seconds and peak memory, ours and transformers'.
 4. transformers' recipe (generate with guidance_scale=3, the negative prompt, prefix_allowed_tokens_fn, top-k 2048)
    for --hf-steps tokens, as ms per step and the projected time of a whole image.
+5. --int8: one --int8-grid image with --compile in bf16, then with the decoder quantized in place (quantize.int8):
+   ms per token and peak memory of each (bench_int8.bf16_then_int8; about 3 minutes, mostly compiling).
 Random weights say nothing about how many tokens --parallel accepts on a trained model (a nearly flat distribution
 makes the noise decide); they do measure the cost of a pass.
 """
@@ -25,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import generate  # noqa: E402
 from bench_generate import build, prompts  # noqa: E402
+from bench_int8 import bf16_then_int8  # noqa: E402
 from emu3 import Emu3Config  # noqa: E402
 from generate import reference_grid_rule  # noqa: E402
 
@@ -65,7 +68,7 @@ def timed(fn):
     return time.perf_counter() - t, out, torch.cuda.max_memory_allocated() / 2**30
 
 
-def main(grid, hf_steps, prefill, seed):
+def main(grid, hf_steps, prefill, seed, int8_grid):
     dev, dt = torch.device("cuda"), torch.bfloat16
     print(f"torch {torch.__version__}, cuda {torch.version.cuda}, cudnn {torch.backends.cudnn.version()}, "
           f"{torch.cuda.get_device_name(0)}", flush=True)
@@ -107,6 +110,10 @@ def main(grid, hf_steps, prefill, seed):
                 negative_prompt_ids=n, prefix_allowed_tokens_fn=reference_grid_rule(h, w, cfg),
                 max_new_tokens=hf_steps, min_new_tokens=hf_steps, pad_token_id=cfg.pad_id))
         print(f"  {dt_s / hf_steps * 1e3:.1f} ms/token -> ~{dt_s / hf_steps * n_new:.0f}s per image; peak {peak:.1f} GiB")
+    if int8_grid:
+        print(f"5. --int8, a {int8_grid} grid, --compile (the decoder above, quantized in place after bf16):")
+        del hf  # its bf16 tensors are ours' until quantize.int8 replaces them
+        bf16_then_int8(ours, *prompts(cfg, *map(int, int8_grid.split("x"))), int8_grid, seed)
 
 
 if __name__ == "__main__":
@@ -115,6 +122,7 @@ if __name__ == "__main__":
     ap.add_argument("--hf-steps", type=int, default=256, help="tokens of transformers' recipe to time (0: skip)")
     ap.add_argument("--prefill", type=int, default=16384, help="chat prompt length for the prefill check")
     ap.add_argument("--seed", type=int, default=0, help="weights and sampling seed")
+    ap.add_argument("--int8-grid", default="32x32", help="token grid HxW of the bf16 vs int8 check (empty: skip)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: no CUDA device: this check runs on a GPU")

@@ -78,7 +78,7 @@ def test_int8_model_is_the_dequantized_model():
         assert q.layers[0].attn.cache.k.dtype == torch.float32  # the cache keeps the activations' dtype
 
 
-@pytest.mark.parametrize("n_rows", [2, 16])
+@pytest.mark.parametrize("n_rows", [2, quantize.PACK_ROWS + 1])
 def test_int8_linear_cpu_paths(n_rows):
     # bf16 on a CPU: up to PACK_ROWS rows through _weight_int8pack_mm, more through the dequantising F.linear
     g = torch.Generator().manual_seed(n_rows)
