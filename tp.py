@@ -54,14 +54,14 @@ def first():
 
 
 def device_for(device):
-    """The device of this process: under torchrun, "cuda" is cuda:LOCAL_RANK (one GPU per process)."""
-    device = torch.device(device)
-    if launched() and device.type == "cuda":
-        local = int(os.environ["LOCAL_RANK"])
-        if device.index not in (None, local):
-            raise ValueError(f"under torchrun give --device cuda, not {device}: process k takes cuda:LOCAL_RANK")
-        device = torch.device("cuda", local)
-    return device
+    """The device (name) of this process: under torchrun, "cuda" is cuda:LOCAL_RANK (one GPU per process); anything
+    else passes as it is, to be checked by checkpoint.parse_device."""
+    if not launched() or not str(device).startswith("cuda"):
+        return device
+    local = os.environ["LOCAL_RANK"]
+    if str(device) not in ("cuda", f"cuda:{local}"):
+        raise ValueError(f"under torchrun give --device cuda, not {device}: process k takes cuda:LOCAL_RANK")
+    return f"cuda:{local}"
 
 
 def start(device):
