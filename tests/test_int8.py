@@ -7,6 +7,7 @@ function, so any wrong scale axis, missed module or mismatched row split shows a
 import copy
 import json
 import os
+import random
 
 import pytest
 import torch
@@ -133,8 +134,8 @@ def test_toy_answers_unchanged_by_int8():
     m, q = sample.load(TOY, "cpu", "bfloat16"), sample.load(TOY, "cpu", "bfloat16", int8=True)
     assert quantize.is_int8(q.model) and not quantize.is_int8(m.model)
     [circle], _ = sample.images(m, ["a large red circle in the center"], seed=0)
-    pictures = [circle] + [train.draw(s) for s in [("square", "blue", "small", "on the left"),
-                                                    ("triangle", "green", "large", "at the top")]]
+    pictures = [circle] + [train.draw(s, rng=random.Random(k)) for k, s in enumerate(
+        [("square", "blue", "small", "on the left"), ("triangle", "green", "large", "at the top")])]
     questions = ["Describe the image.", "What shape is this?", "What colour is the shape?", "Where is the shape?",
                  "Is the shape big or small?"]
     asked = [(question, picture) for question in questions for picture in pictures]  # one batch of 15
