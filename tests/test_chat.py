@@ -277,10 +277,9 @@ def test_chat_decoding_waits_for_the_device_once_per_check(loaded, monkeypatch):
                             (waits.append(_name), _real(self, *a, **k))[1])
     tok, cfg = loaded.tokenizer, loaded.cfg
     ids = [prompts.encode(tok, prompts.chat_prompt(q)) for q in (Q2, Q3)]
-    seeds = torch.arange(2)
-    for pick in (None, lambda logits, pos: generate.pick_text(logits, 1.0, 50, 0.9, seeds, pos)):
+    for sampling in ({}, dict(temperature=1.0, top_k=50, top_p=0.9)):
         waits.clear()
-        out = generate.generate_text(loaded.model, ids, N_NEW, cfg.eos_id, cfg.pad_id, pick, check_every=8)
+        out = generate.generate_text(loaded.model, ids, N_NEW, cfg.eos_id, cfg.pad_id, **sampling, check_every=8)
         steps = max(len(o) for o in out)
         assert waits and set(waits) == {"tolist"}
         assert len(waits) <= math.ceil(N_NEW / 8) and len(waits) <= steps // 8 + 1, (waits, steps)

@@ -24,8 +24,7 @@ import generate
 import prompts
 import sample
 from emu3 import Emu3Config
-from generate import reference_grid_rule as prefix_fn
-from hf_tiny import write_hf_tiny
+from hf_tiny import reference_grid_rule as prefix_fn, write_hf_tiny
 from vqvae import postprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -357,10 +356,12 @@ def test_grid_property_any_logits(h, w, B, mode, guidance, top_k, temperature, s
     # guidance there), one cache column after another, after one prefill
     halves = 1 if guidance == 1 else 2
     L = max(map(len, cond + (neg if halves == 2 else [])))
-    assert torch.equal(fake.fed[0][1], torch.arange(L)) and fake.fed[0][0].shape[0] == halves * B
+    # (the prefill writes all but the prompt's last token, <|image token|>, which the first step feeds)
+    assert torch.equal(fake.fed[0][1], torch.arange(L - 1)) and fake.fed[0][0].shape[0] == halves * B
+    fed = torch.cat([torch.full((B, 1), cfg.wrapper_id), out], 1)
     for i, (tokens, input_pos) in enumerate(fake.fed[1:]):
-        assert torch.equal(tokens[:, 0], out[:, i].repeat(halves)) and input_pos.tolist() == [L + i]
-    assert len(fake.fed) == passes == h * (w + 1) + 3
+        assert torch.equal(tokens[:, 0], fed[:, i].repeat(halves)) and input_pos.tolist() == [L - 1 + i]
+    assert len(fake.fed) - 1 == passes == h * (w + 1) + 3
 
 
 def test_grid_property_full_vocab():

@@ -75,17 +75,16 @@ def sample_check(n_seeds=20000, false_alarm=1e-6):
     h, w, guidance, top_k, temperature = 2, 3, 3.0, 12, 1.5
     hw = torch.tensor([[h]]), torch.tensor([[w]])
     window = generate.grid_window(TINY)
-    tokens = torch.zeros(2, 1, dtype=torch.long)
-    scores = generate.image_scores(model, tokens, torch.zeros(1, dtype=torch.long), None, torch.ones(1, dtype=torch.long),
-                                   *hw, guidance, top_k, temperature)  # (1, 1, V')
-    # the reference's processors by hand: CFG in log-softmax space, grid mask (visual tokens here), temperature,
-    # top-k, softmax
-    ref = 3.0 * (c.log_softmax(-1) - u.log_softmax(-1)) + u.log_softmax(-1)
-    ref = ref[0, 0, window] / temperature
-    visual = torch.arange(window.start, window.stop)
-    ref = ref.masked_fill((visual < TINY.visual_offset) | (visual >= TINY.visual_offset + TINY.codebook_size),
-                          float("-inf"))
-    probs = generate.top_k_filter(ref, top_k).softmax(-1).double()
+    scores = generate.image_scores(torch.cat([c, u])[..., window], torch.ones(1, dtype=torch.long), *hw, TINY,
+                                   guidance, temperature, top_k)  # (1, 1, V')
+    # the reference's processors by hand, over the whole vocabulary and without the project's helpers: CFG in
+    # log-softmax space, the first grid token's rule (visual tokens only), temperature, top-k by sorting, softmax
+    ref = (3.0 * (c.log_softmax(-1) - u.log_softmax(-1)) + u.log_softmax(-1))[0, 0] / temperature  # (V,)
+    ids = torch.arange(TINY.vocab_size)
+    ref[(ids < TINY.visual_offset) | (ids >= TINY.visual_offset + TINY.codebook_size)] = float("-inf")
+    ref[ref < ref.sort(descending=True).values[top_k - 1]] = float("-inf")
+    probs = ref.double().softmax(-1)[window]
+    assert probs.sum() > 1 - 1e-9  # nothing allowed outside the window
     assert torch.allclose(scores[0, 0].softmax(-1).double(), probs, atol=1e-6)
     assert (probs > 0).sum() == top_k and probs.max() < 0.5  # a spread distribution over the top-k
     ids = generate.pick_image(scores.expand(n_seeds, 1, -1), False, torch.arange(n_seeds), torch.zeros(1, dtype=torch.long),
