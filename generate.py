@@ -183,9 +183,10 @@ def cache_len(n, size, bucket=None):
 
 
 def cache_size(n):
-    """The cache's columns for n positions, in whole buckets: few sizes, kept between calls, and every bounded read
-    (cache_len) a multiple of BUCKET columns."""
-    return BUCKET * math.ceil(n / BUCKET)
+    """The cache's columns for n positions: whole buckets (few sizes, kept between calls, every bounded read a
+    multiple of BUCKET columns) and one spare column that no read reaches, so that a read is never the whole
+    cache: that slice would be contiguous, and a compiled step would specialise on it (a second compile)."""
+    return BUCKET * math.ceil(n / BUCKET) + 1
 
 
 def left_pad(rows, pad_id, device):

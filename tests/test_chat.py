@@ -285,18 +285,6 @@ def test_chat_decoding_waits_for_the_device_once_per_check(loaded, monkeypatch):
         assert len(waits) <= math.ceil(N_NEW / 8) and len(waits) <= steps // 8 + 1, (waits, steps)
 
 
-def test_compiled_chat_step_matches_eager(loaded):
-    tok, cfg = loaded.tokenizer, loaded.cfg
-    ids = [prompts.encode(tok, prompts.chat_prompt(q)) for q in (Q2, Q3)]
-    run = lambda c: generate.generate_text(loaded.model, ids, 12, cfg.eos_id, cfg.pad_id, compile_step=c)
-    eager = run(False)
-    torch._dynamo.reset()
-    try:
-        assert run(True) == eager
-    finally:
-        torch._dynamo.reset()
-
-
 # ---- every chat form transformers allows ----
 
 def hf_generate_text(ref, text, images, n=N_NEW):
