@@ -120,6 +120,9 @@ def test_greedy_parity_with_transformers(models, monkeypatch, ratio, area, texts
     assert margin > MIN_MARGIN, f"greedy near-tie ({margin:.2e}): pick another prompt or seed"
     assert out.shape == hf_new.shape == (len(texts), h * (w + 1) + 3)
     assert torch.equal(out, hf_new)
+    # the same through a prefill of many small chunks (prompts of ~50 and ~60 tokens, padded rows included)
+    monkeypatch.setattr(generate, "PREFILL_CHUNK", 7)
+    assert torch.equal(ours_greedy(monkeypatch, m["model"], cond, neg, h, w)[0], hf_new)
     for ours, theirs in zip(ours_images(m, out, h, w), hf_pils):
         theirs = np.asarray(theirs)
         assert ours.shape == theirs.shape == (8 * h, 8 * w, 3)
