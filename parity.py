@@ -38,11 +38,11 @@ from vqvae import preprocess
 
 FORMAT = "emu3-parity-trace/1"
 # unit roundoff u of each dtype (half the gap between 1 and the next number) and the NMSE bound (k u)^2 an entry
-# must meet, taken at the coarser of the two files' dtypes. k: fp32 differs from fp32 only in summation order, which
-# deep convolution stacks amplify (measured: NMSE 2e-12 = (24 u)^2, ours against transformers on the full-size
-# VQ-VAE's layers), so k = 512 leaves room for other kernels and depths and stays 1000x below a changed weight;
-# 16-bit types round every activation, a few u per layer growing with depth (measured: bf16 against fp32 up to
-# NMSE 2e-4 = (3.6 u)^2 after 3 and 4 layers), so k = 32 leaves room for 32 layers and trained weights.
+# must meet, taken at the coarser of the two files' dtypes. fp32 differs from fp32 only in summation order, which
+# deep convolution stacks amplify (ours against transformers on the full-size VQ-VAE: NMSE 9.7e-13 = (16.5 u)^2,
+# bench/bench_parity.py), so k = 512 leaves room for other kernels and trained weights and stays far below a changed
+# weight (5e-3 and up); 16-bit types round every activation, a few u per layer growing with depth (bf16 against fp32:
+# (6.2 u)^2 after 32 layers, (8.9 u)^2 at the worst entry), so k = 32.
 ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 K = {torch.float64: 512, torch.float32: 512, torch.float16: 32, torch.bfloat16: 32}
 
@@ -190,8 +190,12 @@ def load_transformers(path, device, dtype):
         import transformers
     except ImportError:
         raise ValueError("--transformers needs transformers (pip install transformers), which is not installed") from None
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
         raise FileNotFoundError(f"--transformers {path}: no config.json (need a transformers Emu3 -hf directory)")
+    if checkpoint.read_json(config).get("model_type") != "emu3":
+        raise ValueError(f"--transformers {path}: not a transformers Emu3 -hf directory (config.json's model_type is "
+                         f"not \"emu3\"); trace ours and converted checkpoints with --ckpt")
     processor = transformers.Emu3Processor.from_pretrained(path)
     model = transformers.Emu3ForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, processor, transformers.__version__

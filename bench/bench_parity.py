@@ -7,8 +7,10 @@ Pairs, each printed as the largest NMSE over its entries (and where it is), in u
 coarser dtype, against parity.py's bound (k u)^2:
 1. decoder bf16 against fp32 on --device (bf16: a rounded copy of the same weights), with the NMSE of every
    layer's output, to show how it grows with depth;
-2. --device against the CPU (only when --device is not cpu), fp32: decoder with --cpu-layers layers and the VQ-VAE;
-3. the same VQ-VAE on --device with cuDNN's TF32 on (its default, which BAAI's scripts ran with), against the CPU.
+2. the full-size VQ-VAE, fp32: ours against transformers' Emu3VQVAE with the same weights, on the CPU (skipped
+   without transformers, or with --skip-hf);
+3. --device against the CPU (only when --device is not cpu), fp32: decoder with --cpu-layers layers and the VQ-VAE;
+4. the same VQ-VAE on --device with cuDNN's TF32 on (its default, which BAAI's scripts ran with), against the CPU.
 Weights are drawn as tests/hf_tiny.py draws them (linear std 1/sqrt(fan_in), RMSNorm weights in [0.5, 1.5),
 embeddings std 1, random GroupNorm/BatchNorm affine parameters and statistics): random, not trained, so no outlier
 features; what it measures is depth and kernels.
@@ -23,7 +25,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import convert  # noqa: E402
 import parity  # noqa: E402
+import sample  # noqa: E402
 from emu3 import Emu3, Emu3Config  # noqa: E402
 from vqvae import VQVAE, VQConfig  # noqa: E402
 
@@ -51,7 +55,7 @@ def randomise_(model, seed):
 def worst(a, b, dtype, names=None):
     """(largest NMSE, its name, that NMSE in units of u^2 of dtype) over the float entries both recorders hold."""
     u = parity.ROUNDOFF[dtype]
-    best = (0.0, None)
+    best = (-1.0, "")
     for n in names or a:
         if n in b and a[n].is_floating_point():
             nmse = parity.compare_entry(a[n], b[n], math.inf)[2]
@@ -90,7 +94,22 @@ def trace_vq(vq, x, tf32=False):
     return rec.tensors
 
 
-def main(device, full, dim, n_layers, tokens, cpu_layers, vq_size, seed, threads):
+def trace_hf_vq(vq, x):
+    """transformers' Emu3VQVAE on the same stages (parity.vq_*_stages(hf=True)), TF32 off as parity.py runs it."""
+    rec = parity.Recorder()
+    rec.add("vq.input", x)
+    parity.hooked(rec, parity.vq_encoder_stages(vq, hf=True))
+    rec.hook(vq.quantize, "vq.codes", lambda codes: codes[:, 0])
+    with torch.no_grad(), sample.vq_precision():
+        vq.encode(x, torch.tensor([x.shape[-2:]]))
+        rec.remove()
+        parity.hooked(rec, parity.vq_decoder_stages(vq, hf=True))
+        vq.decode(rec.tensors["vq.codes"])
+        rec.remove()
+    return rec.tensors
+
+
+def main(device, full, dim, n_layers, tokens, cpu_layers, vq_size, seed, threads, skip_hf):
     torch.set_num_threads(threads)
     dev = torch.device(device)
     cfg = Emu3Config() if full else Emu3Config(dim=dim, n_layers=n_layers, n_heads=dim // 128, n_kv_heads=dim // 512,
@@ -115,13 +134,25 @@ def main(device, full, dim, n_layers, tokens, cpu_layers, vq_size, seed, threads
           f"{worst(fp32, bf16, torch.bfloat16, ['llm.logits'])[2]:.1f} ({time.perf_counter() - t:.0f}s)", flush=True)
     del fp32, bf16
 
-    # 2. the device against the CPU, fp32
+    # 2. ours against transformers, the same VQ-VAE weights (transformers' module tree, renamed by convert.py)
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(1, 3, vq_size, vq_size, generator=g) * 2 - 1
-    vq = randomise_(VQVAE(VQConfig()), seed).eval()
+    if skip_hf:
+        vq = randomise_(VQVAE(VQConfig()), seed).eval()
+    else:
+        import transformers
+        hf_vq = randomise_(transformers.Emu3VQVAE(transformers.Emu3VQVAEConfig()), seed).eval()
+        vq = VQVAE(VQConfig())
+        vq.load_state_dict(convert.vq_from_hf(hf_vq.state_dict()), strict=True)
+        vq.eval()
     t = time.perf_counter()
     cpu_vq = trace_vq(vq, x)
     print(f"  (VQ on the CPU: {time.perf_counter() - t:.0f}s)", flush=True)
+    if not skip_hf:
+        hf = trace_hf_vq(hf_vq, x)
+        assert torch.equal(hf["vq.codes"], cpu_vq["vq.codes"]), "codes differ: a near-tie, try another --seed"
+        report("VQ-VAE fp32, full size: ours vs transformers (cpu)", cpu_vq, hf, torch.float32)
+    # 3. the device against the CPU, fp32
     if dev.type != "cpu":
         small = randomise_(Emu3(Emu3Config(**{**cfg.__dict__, "n_layers": cpu_layers})), seed).eval()
         cpu_llm = trace_llm(small, ids)
@@ -143,4 +174,5 @@ if __name__ == "__main__":
     ap.add_argument("--vq-size", type=int, default=64, help="image side for the VQ-VAE")
     ap.add_argument("--seed", type=int, default=0, help="weights, tokens and image")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
+    ap.add_argument("--skip-hf", action="store_true", help="leave out the comparison with transformers' VQ-VAE")
     main(**vars(ap.parse_args()))

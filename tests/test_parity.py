@@ -232,12 +232,13 @@ def test_compare_command_exit_codes(kit, tmp_path):
     (["--last", "-1"], "--last must be >= 0"),
     (["--prompt", " "], "empty --prompt"),
     (["--device", "cuda:7"], "not available"),
+    (["--ckpt", None, "--transformers", "{ours}"], "not a transformers Emu3 -hf directory"),
 ])
 def test_trace_bad_input(kit, tmp_path, capsys, args, words):
     base = {"--ckpt": KIT["ours"], "--image": KIT["image"], "--prompt": QUESTION,
             "--out": str(tmp_path / "t.safetensors")}
-    given = dict(zip(args[::2], (a.format(d=tmp_path) for a in args[1::2])))
-    argv = ["trace"] + [x for k, v in (base | given).items() for x in (k, v)]
+    given = dict(zip(args[::2], (a and a.format(d=tmp_path, ours=KIT["ours"]) for a in args[1::2])))
+    argv = ["trace"] + [x for k, v in (base | given).items() if v is not None for x in (k, v)]
     with pytest.raises(SystemExit) as e:
         parity.main(argv)
     assert str(e.value).startswith("error: ") and words in str(e.value) and "\n" not in str(e.value)
