@@ -10,6 +10,10 @@ trace: image -> preprocess -> vq.input (1,3,H,W) -> VQ encoder stages (vq.encode
        -> per layer i: llm.layers.{i}.attn, .mlp (each branch before its residual add), .out (the block's output)
        -> llm.norm -> llm.logits (1,T,V) fp32 -> the VQ decoder's stages for those codes (vq.decoder.*), ending with
        vq.decoder.pixels (1,3,H,W), the decoded image in [-1, 1] before postprocessing.
+       With --gen-prompt, one image-generation step after them (this code only): the first grid token's prompts
+       (gen.tokens.cond, gen.tokens.uncond), its logits (gen.logits (2,1,V')), the guided, grid-masked, top-k
+       scores (gen.scores (1,1,V')), the keyed noise for --seed (gen.noise (1,1,V')) and the token drawn
+       (gen.token), V' the ids of generate.grid_window (the metadata's gen.window).
        Every tensor is caught by a forward hook on a loaded model (vq_encoder_stages, vq_decoder_stages, trace_llm
        and trace_transformers name each one's module in both implementations); the model files know nothing of it.
        A 2-D VQ stage keeps frame 0 only (an image is 4 equal frames; this code runs the 2-D layers once,
@@ -32,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import checkpoint
+import generate
 import prompts
 import sample
 from vqvae import preprocess
@@ -181,6 +186,39 @@ def trace_ours(m, image, question, min_pixels=None, max_pixels=None, last=0):
     return rec
 
 
+def first_image_step(model, cond, uncond, h, w, seed, guidance, top_k, temperature):
+    """The first grid token of an image, as generate.py draws it: prompt ids (lists) -> (logits (2, 1, V') over the
+    grid window, scores (1, 1, V'), noise (1, 1, V'), the window's first id). The one place that calls generate.py's
+    sampling functions: re-point it here if they move."""
+    window = generate.grid_window(model.cfg)
+    dev = model.embed.weight.device
+    # each prompt alone, whole sequence: the last position's logits (what generate's padded, cached prefill computes)
+    logits = torch.cat([model(torch.tensor([ids], device=dev), last_only=True, vocab=window) for ids in (cond, uncond)])
+    grid = torch.tensor([[h]], device=dev), torch.tensor([[w]], device=dev)
+    one = torch.ones(1, dtype=torch.long, device=dev)  # offset 1 from <|image token|>: the first grid token
+    scores = generate.image_scores(logits, one, *grid, model.cfg, guidance, temperature, top_k)
+    ids = torch.arange(window.start, window.stop, device=dev)
+    noise = generate.gumbel(seed * one, 0 * one, ids)  # image position 0
+    return logits, scores, noise, window.start
+
+
+@torch.no_grad()
+def trace_image_step(rec, m, text, ratio, seed, guidance=3.0, top_k=2048, temperature=1.0):
+    """One image-generation step (the first grid token of `text` at `ratio`, the official recipe): records gen.*."""
+    h, w = prompts.generate_size(ratio, m.cfg.image_area)
+    cond = prompts.encode(m.tokenizer, prompts.gen_prompt(text + prompts.POSITIVE_PROMPT, h, w))
+    uncond = prompts.encode(m.tokenizer, prompts.gen_prompt(prompts.NEGATIVE_PROMPT, h, w))
+    logits, scores, noise, first = first_image_step(m.model, cond, uncond, h, w, seed, guidance, top_k, temperature)
+    rec.add("gen.tokens.cond", torch.tensor([cond]))
+    rec.add("gen.tokens.uncond", torch.tensor([uncond]))
+    rec.add("gen.logits", logits)  # (2, 1, V'): cond row, uncond row
+    rec.add("gen.scores", scores)  # (1, 1, V'), -inf where the grid rule or top-k leaves a token out
+    rec.add("gen.noise", noise)
+    rec.add("gen.token", (scores + noise).argmax(-1) + first)  # (1, 1): the id drawn
+    return {"text": text, "ratio": ratio, "grid": [h, w], "seed": seed, "guidance": guidance, "top_k": top_k,
+            "temperature": temperature, "position": 0, "window": [first, first + scores.shape[-1]]}
+
+
 # ---- transformers ----
 
 def load_transformers(path, device, dtype):
@@ -312,9 +350,10 @@ def compare_entry(a, b, tol):
         diff = int((a.long() - b.long()).abs().max()) if a.numel() else 0
         return wrong == 0, diff, None, f"{wrong} of {a.numel()} differ"
     a, b = a.double(), b.double()
-    if not (a.isfinite().all() and b.isfinite().all()):
-        same = torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
-        return same, float("nan"), float("nan"), "non-finite values differ"
+    finite = a.isfinite()
+    if not torch.equal(finite, b.isfinite()) or not torch.equal(a[~finite].nan_to_num(), b[~finite].nan_to_num()):
+        return False, math.inf, math.inf, "inf or nan in different places"  # e.g. masked scores (-inf)
+    a, b = a[finite], b[finite]  # NMSE over the finite values
     # NMSE as llama.cpp's model-conversion checks define it: mean squared error over the variance of A
     mse, var = (a - b).pow(2).mean().item() if a.numel() else 0.0, a.var(correction=0).item() if a.numel() else 0.0
     nmse = mse / var if var else (0.0 if mse == 0 else math.inf)
@@ -383,7 +422,8 @@ def check_out(out):
         raise PermissionError(f"--out {out}: cannot write in {folder}")
 
 
-def run_trace(ckpt, transformers_dir, image, prompt, out, device, dtype, min_pixels, max_pixels, last, threads):
+def run_trace(ckpt, transformers_dir, image, prompt, out, device, dtype, min_pixels, max_pixels, last, gen_prompt,
+              ratio, seed, threads):
     """`python parity.py trace`: every argument and input file is checked before a model loads."""
     sample.set_threads(threads)
     if (ckpt is None) == (transformers_dir is None):
@@ -393,6 +433,13 @@ def run_trace(ckpt, transformers_dir, image, prompt, out, device, dtype, min_pix
     if last < 0:
         raise ValueError(f"--last must be >= 0, got {last}")
     sample.check_pixels(min_pixels, max_pixels)
+    if gen_prompt is not None:
+        if transformers_dir is not None:
+            raise ValueError("--gen-prompt traces this code's sampler: give it with --ckpt")
+        if not gen_prompt.strip():
+            raise ValueError("empty --gen-prompt")
+        sample.check_seed(seed)
+        prompts.generate_size(ratio, 720 * 720)  # the ratio's form, before loading (the checkpoint's area comes later)
     check_out(out)
     picture = sample.open_image(image)
     with open(image, "rb") as f:
@@ -405,7 +452,9 @@ def run_trace(ckpt, transformers_dir, image, prompt, out, device, dtype, min_pix
         checkpoint.checkpoint_dir(ckpt)
         m = sample.load(ckpt, device, torch_dtype)
         rec = trace_ours(m, picture, prompt, min_pixels, max_pixels, last)
-        impl, dtypes = "emu3-from-scratch", {"vq": "float32", "llm": dtype}
+        impl, dtypes = "emu3-from-scratch", {"vq": "float32", "llm": dtype, "gen": dtype}
+        if gen_prompt is not None:
+            inputs["gen"] = trace_image_step(rec, m, gen_prompt, ratio, seed)
         config = {"emu3": checkpoint.config_dict(m.cfg), "vqvae": checkpoint.config_dict(m.vq.cfg),
                   "image": checkpoint.config_dict(m.image)}
     else:
@@ -448,6 +497,10 @@ def parser():
     p.add_argument("--max-pixels", type=int, default=None, help="... and at most (a small image makes a small trace)")
     p.add_argument("--last", type=int, default=0,
                    help="keep the decoder's per-position tensors at the last N positions only (0: all)")
+    p.add_argument("--gen-prompt", default=None,
+                   help="also trace the first step of generating this image (--ckpt only): scores, noise, token")
+    p.add_argument("--ratio", default="1:1", help="the generated image's aspect ratio W:H")
+    p.add_argument("--seed", type=int, default=0, help="the keyed noise's seed")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.set_defaults(run=run_trace)
     p = sub.add_parser("compare", formatter_class=sample.Help, help="compare two traces name by name")

@@ -6,6 +6,7 @@ fixtures against our traces; bad input as one line.
 
 tiny -hf dir (save_pretrained) --convert.convert--> ours; `parity.py trace` on each; `parity.py compare`.
 """
+import math
 import os
 import shutil
 import subprocess
@@ -18,7 +19,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import convert
+import generate
 import parity
+import sample
 from hf_tiny import byte_ranks, hf_tokenizer, write_hf_tiny
 
 pytest.importorskip("transformers", reason="transformers is the reference these tests compare against")
@@ -55,7 +58,8 @@ def kit(tmp_path_factory):
     d = tmp_path_factory.mktemp("parity")
     hf = write_hf_tiny(str(d / "hf"), tokenizer=hf_tokenizer(byte_ranks(), N_VISUAL), codebook_size=N_VISUAL,
                        n_layers=N_LAYERS, min_pixels=32 * 32, max_pixels=96 * 96, head_std=4.0)
-    convert.convert(hf, str(d / "ours"), dtype="float32", log=lambda *a: None)
+    # a 4x4 token grid for generated images (23 tokens), so that the sampler's loop is quick
+    convert.convert(hf, str(d / "ours"), dtype="float32", image_area=32 * 32, log=lambda *a: None)
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(d / "a.png")
     KIT.update(dir=d, hf=hf, ours=str(d / "ours"), image=str(d / "a.png"))
     KIT["trace_ours"] = trace(d / "ours.safetensors", "--ckpt", KIT["ours"])
@@ -93,7 +97,7 @@ def test_trace_names_follow_the_scheme(kit):
     h, w = ours["vq.codes"].shape[1:]
     assert ours["vq.decoder.pixels"].shape == ours["vq.input"].shape == (1, 3, 8 * h, 8 * w)
     assert ours["llm.logits"].shape[:2] == ours["llm.tokens"].shape and ours["llm.logits"].dtype == torch.float32
-    assert meta["dtypes"] == {"vq": "float32", "llm": "float32"} and meta_hf["implementation"].startswith("transformers")
+    assert meta["dtypes"] == {"vq": "float32", "llm": "float32", "gen": "float32"} and meta_hf["implementation"].startswith("transformers")
     assert len(meta["inputs"]["image"]["sha256"]) == 64 and meta["inputs"]["prompt"]["text"] == QUESTION
     assert meta["config"]["emu3"]["n_layers"] == N_LAYERS and meta_hf["versions"]["transformers"]
 
@@ -192,6 +196,33 @@ def test_original_code_fixtures(tmp_path):
     assert llm["logits"].std() > 0.5 and vq_fix["image_codes"].unique().numel() > 8  # not a trivially flat comparison
 
 
+def test_image_step_is_the_samplers_first_token(kit, tmp_path):
+    # gen.token from the traced scores and noise is the first token generate.generate_image_tokens draws (the padded,
+    # cached loop) for each seed, with a clear margin; the seeds draw different tokens (temperature 10 flattens the
+    # tiny model's peaked first step), so the noise is traced
+    m = sample.load(kit["ours"], "cpu", "float32")
+    drawn = set()
+    for seed in range(4):
+        rec = parity.Recorder()
+        meta = parity.trace_image_step(rec, m, "a red fox in the snow", "1:1", seed, temperature=10.0)
+        t = rec.tensors
+        out, _ = generate.generate_image_tokens(m.model, [t["gen.tokens.cond"][0].tolist()],
+                                                [t["gen.tokens.uncond"][0].tolist()], [tuple(meta["grid"])], seed=seed,
+                                                temperature=10.0)
+        assert t["gen.token"].item() == out[0, 0].item(), seed
+        best = (t["gen.scores"] + t["gen.noise"]).flatten().topk(2).values
+        assert best[0] - best[1] > 1e-3
+        drawn.add(t["gen.token"].item())
+    assert len(drawn) > 1 and meta["grid"] == [4, 4]
+    # from the command line: the gen.* entries come after the VQ decoder; transformers' trace has none (listed only)
+    path = trace(tmp_path / "gen.safetensors", "--ckpt", kit["ours"], extra=["--gen-prompt", "a red fox", "--seed", "3"])
+    names, meta = list(parity.load_trace(path)[0]), parity.load_trace(path)[1]
+    gen = ["gen.tokens.cond", "gen.tokens.uncond", "gen.logits", "gen.scores", "gen.noise", "gen.token"]
+    assert names[-len(gen):] == gen and meta["inputs"]["gen"]["seed"] == 3
+    first, lines = compare(path, kit["trace_hf"])
+    assert first is None and f"only in A (6, not compared): {', '.join(gen)}" in lines
+
+
 # ---- compare on hand-made files ----
 
 def test_compare_rules(tmp_path):
@@ -213,6 +244,15 @@ def test_compare_rules(tmp_path):
     assert compare(pa, pb)[0] == "llm.embed"  # NMSE ~1e-6: beyond fp32's bound
     parity.save_trace(b, pb, dtypes={"llm": "bfloat16"})
     assert compare(pa, pb)[0] is None  # ... within bf16's
+    # -inf (masked scores) must stand in the same places; NMSE over the rest
+    a["llm.embed"][0, 0, :3], b["llm.embed"][0, 0, :3] = -math.inf, -math.inf
+    parity.save_trace(a, pa, dtypes={"llm": "bfloat16"})
+    parity.save_trace(b, pb)
+    assert compare(pa, pb)[0] is None
+    b["llm.embed"][0, 0, 3] = -math.inf
+    parity.save_trace(b, pb)
+    first, lines = compare(pa, pb)
+    assert first == "llm.embed" and "inf or nan in different places" in lines[-1]
     assert parity.tolerance(torch.float32, torch.bfloat16) == parity.tolerance(torch.bfloat16, torch.bfloat16)
 
 
@@ -233,6 +273,8 @@ def test_compare_command_exit_codes(kit, tmp_path):
     (["--prompt", " "], "empty --prompt"),
     (["--device", "cuda:7"], "not available"),
     (["--ckpt", None, "--transformers", "{ours}"], "not a transformers Emu3 -hf directory"),
+    (["--gen-prompt", "a fox", "--ratio", "wide"], "ratio"),
+    (["--gen-prompt", "a fox", "--seed", "-1"], "--seed must lie in [0, 2^63)"),
 ])
 def test_trace_bad_input(kit, tmp_path, capsys, args, words):
     base = {"--ckpt": KIT["ours"], "--image": KIT["image"], "--prompt": QUESTION,
