@@ -227,7 +227,8 @@ def load_transformers(path, device, dtype):
     try:
         import transformers
     except ImportError:
-        raise ValueError("--transformers needs transformers (pip install transformers), which is not installed") from None
+        raise ValueError("--transformers needs transformers (pip install transformers), which is not "
+                         "installed") from None
     config = os.path.join(path, "config.json")
     if not os.path.isfile(config):
         raise FileNotFoundError(f"--transformers {path}: no config.json (need a transformers Emu3 -hf directory)")
@@ -452,9 +453,9 @@ def run_trace(ckpt, transformers_dir, image, prompt, out, device, dtype, min_pix
         checkpoint.checkpoint_dir(ckpt)
         m = sample.load(ckpt, device, torch_dtype)
         rec = trace_ours(m, picture, prompt, min_pixels, max_pixels, last)
-        impl, dtypes = "emu3-from-scratch", {"vq": "float32", "llm": dtype, "gen": dtype}
+        impl, dtypes = "emu3-from-scratch", {"vq": "float32", "llm": dtype}
         if gen_prompt is not None:
-            inputs["gen"] = trace_image_step(rec, m, gen_prompt, ratio, seed)
+            inputs["gen"], dtypes["gen"] = trace_image_step(rec, m, gen_prompt, ratio, seed), dtype
         config = {"emu3": checkpoint.config_dict(m.cfg), "vqvae": checkpoint.config_dict(m.vq.cfg),
                   "image": checkpoint.config_dict(m.image)}
     else:

@@ -41,7 +41,8 @@ def randomise_(model, seed):
             if name.startswith(("quantize.", "embed.")):
                 p.copy_(r(p.shape))  # embeddings std 1; a codebook spread wide
             elif p.ndim == 1:  # norm weights in [0.5, 1.5), biases std 0.2
-                p.copy_(torch.rand(p.shape, generator=g, device=dev) + 0.5 if name.endswith("weight") else 0.2 * r(p.shape))
+                p.copy_(torch.rand(p.shape, generator=g, device=dev) + 0.5 if name.endswith("weight")
+                        else 0.2 * r(p.shape))
             else:  # Linear / conv: std 1/sqrt(fan_in), so activations stay O(1) through depth
                 p.copy_(r(p.shape) / math.sqrt(p[0].numel()))
         for name, b in model.named_buffers():
@@ -164,7 +165,8 @@ def main(device, full, dim, n_layers, tokens, cpu_layers, vq_size, seed, threads
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--device", default="cpu", help="torch device")
     ap.add_argument("--full", action="store_true", help="the 8.5B decoder config (else --dim x --n-layers)")
     ap.add_argument("--dim", type=int, default=1024, help="decoder width without --full")

@@ -97,7 +97,8 @@ def test_trace_names_follow_the_scheme(kit):
     h, w = ours["vq.codes"].shape[1:]
     assert ours["vq.decoder.pixels"].shape == ours["vq.input"].shape == (1, 3, 8 * h, 8 * w)
     assert ours["llm.logits"].shape[:2] == ours["llm.tokens"].shape and ours["llm.logits"].dtype == torch.float32
-    assert meta["dtypes"] == {"vq": "float32", "llm": "float32", "gen": "float32"} and meta_hf["implementation"].startswith("transformers")
+    assert meta["dtypes"] == {"vq": "float32", "llm": "float32"}
+    assert meta_hf["implementation"].startswith("transformers")
     assert len(meta["inputs"]["image"]["sha256"]) == 64 and meta["inputs"]["prompt"]["text"] == QUESTION
     assert meta["config"]["emu3"]["n_layers"] == N_LAYERS and meta_hf["versions"]["transformers"]
 
@@ -189,7 +190,8 @@ def test_original_code_fixtures(tmp_path):
     parity.trace_vq_decode(rec, vq, codes)
     paths = [str(tmp_path / "original.safetensors"), str(tmp_path / "ours.safetensors")]
     parity.save_trace(original, paths[0], implementation="original BAAI code (tests/fixtures/make_*_fixture.py)")
-    parity.save_trace(rec.tensors, paths[1], implementation="emu3-from-scratch", dtypes={"llm": "float32", "vq": "float32"})
+    parity.save_trace(rec.tensors, paths[1], implementation="emu3-from-scratch",
+                      dtypes={"llm": "float32", "vq": "float32"})
     first, lines = compare(*paths)
     assert first is None and lines[-1] == "all 5 entries within tolerance", "\n".join(lines)
     assert any(line.startswith("only in B (") and "llm.layers.0.attn" in line for line in lines)
@@ -215,10 +217,11 @@ def test_image_step_is_the_samplers_first_token(kit, tmp_path):
         drawn.add(t["gen.token"].item())
     assert len(drawn) > 1 and meta["grid"] == [4, 4]
     # from the command line: the gen.* entries come after the VQ decoder; transformers' trace has none (listed only)
-    path = trace(tmp_path / "gen.safetensors", "--ckpt", kit["ours"], extra=["--gen-prompt", "a red fox", "--seed", "3"])
+    path = trace(tmp_path / "gen.safetensors", "--ckpt", kit["ours"],
+                 extra=["--gen-prompt", "a red fox", "--seed", "3"])
     names, meta = list(parity.load_trace(path)[0]), parity.load_trace(path)[1]
     gen = ["gen.tokens.cond", "gen.tokens.uncond", "gen.logits", "gen.scores", "gen.noise", "gen.token"]
-    assert names[-len(gen):] == gen and meta["inputs"]["gen"]["seed"] == 3
+    assert names[-len(gen):] == gen and meta["inputs"]["gen"]["seed"] == 3 and meta["dtypes"]["gen"] == "float32"
     first, lines = compare(path, kit["trace_hf"])
     assert first is None and f"only in A (6, not compared): {', '.join(gen)}" in lines
 
@@ -258,7 +261,8 @@ def test_compare_rules(tmp_path):
 
 def test_compare_command_exit_codes(kit, tmp_path):
     parity.main(["compare", kit["trace_ours"], kit["trace_hf"]])  # returns: exit code 0
-    changed = trace(tmp_path / "changed.safetensors", "--ckpt", changed_copy(kit, "layers.0.mlp.w_down.weight", "model-"))
+    changed = trace(tmp_path / "changed.safetensors", "--ckpt",
+                    changed_copy(kit, "layers.0.mlp.w_down.weight", "model-"))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "parity.py"), "compare", kit["trace_ours"], changed],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stdout.splitlines()[-1].startswith("first divergence: llm.layers.0.mlp ("), r.stdout
