@@ -12,6 +12,8 @@ Sections, each independent (a failure prints one line and the next section runs)
             peak memory, inductor compiles and recompiles
   profile   the CUDA kernels of 16 compiled decode steps at half the cache, by time
   int8      one layer's GEMMs at 2 rows: bf16, int8 weight-only (dequantising F.linear compiled; _weight_int8pack_mm)
+  attention decode attention alone, six ways (today's folded call on the default kernel, memory-efficient, math
+            compiled folded or GQA-unfolded, an explicit multiply-sum, flex_attention): added after the first run
   second    a second image (48x48 grid) in the same process: no new compile expected
   prefill   a 16K-token chat prefill: seconds and peak memory, ours and transformers' (sdpa)
   hf        transformers' recipe (guidance 3, the negative prompt, the docs' prefix_allowed_tokens_fn, top-k 2048)
@@ -273,6 +275,64 @@ def int8(cfg, dev):
             note("int8", f"{way}", f"unavailable: {str(e).splitlines()[0][:120]}")
 
 
+@torch.no_grad()
+def attention(cfg, dev, S=4352):
+    """Decode-step attention alone (2 rows, one token, the cache's first S columns readable), six ways, so that the
+    next GPU session can pick the fastest: the profile above shows cuDNN's kernel at ~95 us a layer where reading
+    K and V (2 x 8 x S x 128 bf16 each) takes ~9 us at 4 TB/s."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    dt, kv, group, hd = torch.bfloat16, cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
+    r = lambda *shape: torch.randn(*shape, device=dev, dtype=dt)
+    q, k, v = r(2, cfg.n_heads, 1, hd), r(2, kv, S, hd), r(2, kv, S, hd)
+    valid = torch.arange(S, device=dev) < S - 100  # the bucket's last columns not written yet
+    folded = q.reshape(2, kv, group, hd)
+    mask_f = valid.expand(2, 1, group, S)
+    mask_g = valid.expand(2, 1, 1, S)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def explicit(q, k, v, mask):  # fp32 scores as a fused multiply-and-sum (no GEMM), for inductor to tile
+        s = (q.float()[:, :, :, None, :] * k.float()[:, :, None]).sum(-1) / hd**0.5  # (2, kv, group, S)
+        p = s.masked_fill(~mask, float("-inf")).softmax(-1)
+        return (p[..., None] * v.float()[:, :, None]).sum(-2).to(q.dtype)  # (2, kv, group, hd)
+
+    ways = {"folded, default kernel (today)": lambda: sdpa(folded, k, v, attn_mask=mask_f),
+            "folded, memory-efficient": lambda: _with(SDPBackend.EFFICIENT_ATTENTION, sdpa, folded, k, v, mask_f),
+            "folded, math, compiled": torch.compile(lambda: _with(SDPBackend.MATH, sdpa, folded, k, v, mask_f)),
+            "GQA unfolded, math, compiled": torch.compile(
+                lambda: _with(SDPBackend.MATH, sdpa, q, k, v, mask_g, enable_gqa=True)),
+            "explicit multiply-sum, compiled": torch.compile(lambda: explicit(folded, k, v, mask_f))}
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+        flex = torch.compile(flex_attention)
+        keep = lambda score, b, h, q_idx, kv_idx: torch.where(valid[kv_idx], score, float("-inf"))
+        ways["flex_attention (GQA), compiled"] = lambda: flex(q, k, v, score_mod=keep, enable_gqa=True)
+    except ImportError:
+        pass
+    ref = sdpa(folded.float(), k.float(), v.float(), attn_mask=mask_f)
+    for name, fn in ways.items():
+        try:
+            out = fn().reshape(ref.shape).float()
+            err = (out - ref).abs().max().item()
+            for _ in range(3):
+                fn()
+            sync(dev)
+            t = time.perf_counter()
+            for _ in range(100):
+                fn()
+            sync(dev)
+            us = (time.perf_counter() - t) / 100 * 1e6
+            note("attention", f"{name} at S={S}: us (x{cfg.n_layers} layers = ms per step; max err)",
+                 f"{us:.0f} ({us * cfg.n_layers / 1e3:.2f}; {err:.1e})")
+        except Exception as e:  # noqa: BLE001
+            note("attention", name, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+
+
+def _with(backend, sdpa, q, k, v, mask, **kw):
+    from torch.nn.attention import sdpa_kernel
+    with sdpa_kernel(backend):
+        return sdpa(q, k, v, attn_mask=mask, **kw)
+
+
 def section(name, budget, t0, need, fn, *args):
     left = budget - (time.perf_counter() - t0)
     if left < need:
@@ -308,6 +368,7 @@ def main(device, smoke_only, budget, grid, prefill_tokens, hf_steps, small):
             section("image", budget, t0, 150, image, model, cfg, dev, (h, w), 0, "image")
             section("profile", budget, t0, 15, profile, model, cfg, dev, (h, w))
             section("int8", budget, t0, 20, int8, cfg, dev)
+            section("attention", budget, t0, 60, attention, cfg, dev)
             section("second", budget, t0, 15, image, model, cfg, dev, (6, 6) if small else (48, 48), 1, "second")
             hf = section("transformers build", budget, t0, 20, hf_from_ours, model, cfg)
             section("prefill", budget, t0, 30, prefill, model, hf, cfg, dev, prefill_tokens)
