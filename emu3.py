@@ -301,11 +301,11 @@ class Emu3(nn.Module):
             cache, if one is set up, is neither read nor written (training, probes, parity tests).
         cache (input_pos (T,) long: the cache columns these tokens occupy): their keys and values are written into
             the cache, and attention reads its columns < kv_len (an int above every input_pos; default: all).
-        pad (B,) long: left-padding columns per row. With pad or kv_len, a mask (attention_mask) hides the padding
-        and the columns not yet written; with neither, attention is causal aligned to the last token (a prefill
-        chunk: the last query sees the last column written) and no mask is built, so fused kernels take it.
-        kv_len changes no result, only how much of the cache a step reads; decode loops pass the position rounded
-        up to a bucket (generate.cache_len).
+        pad (B,) long: left-padding columns per row. With pad, a mask (attention_mask) hides the padding and the
+        columns not yet written, and kv_len (default: all) only bounds how much of the cache a step reads (decode
+        loops pass the position rounded up to a bucket, generate.cache_len). Without pad, no mask is built:
+        attention is causal aligned to the end, the last query seeing column kv_len - 1 (default: the last
+        input_pos, read back from the device), which fused kernels take as is (unpadded prefill chunks).
         vocab: a slice of token ids; logits only for those (a view of lm_head's rows, no copy). Image generation
         asks only for the ids its grid rule can allow, which skips most of lm_head.
         """
@@ -313,12 +313,11 @@ class Emu3(nn.Module):
         dev = tokens.device
         cached = input_pos is not None
         cols = input_pos if cached else torch.arange(T, device=dev)  # (T,) the columns of these tokens
-        if pad is None and kv_len is None:
+        if pad is None:
             mask = None
-            if cached:  # keys: every column up to this chunk's last (one host read; prefill runs it, not decode)
+            if cached and kv_len is None:  # keys: every column up to the last input_pos (a host read)
                 kv_len = int(input_pos[-1]) + 1
         else:
-            pad = torch.zeros(B, dtype=torch.long, device=dev) if pad is None else pad
             S = (kv_len or self.layers[0].attn.cache.k.shape[2]) if cached else T
             group = self.cfg.n_heads // self.cfg.n_kv_heads
             # one mask row per query head of a kv head, as Attention folds the queries (fold_heads): (B,1,group*T,S)

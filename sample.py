@@ -150,11 +150,8 @@ def chat(m, questions=(), pictures=(), *, raw=False, messages=None, system=promp
     if longest + max_new_tokens > m.cfg.max_seq_len:
         max_new_tokens = m.cfg.max_seq_len - longest
         log(f"max-new-tokens cut to {max_new_tokens} to fit {m.cfg.max_seq_len} positions")
-    dev = m.model.embed.weight.device
-    seeds = (seed or 0) + torch.arange(len(ids), device=dev)  # row b samples with seed + b
-    pick = lambda logits, position: generate.pick_text(logits, temperature, top_k, top_p, seeds, position)
-    out = generate.generate_text(m.model, ids, max_new_tokens, m.cfg.eos_id, m.cfg.pad_id, pick, on_tokens,
-                                 compile_step)
+    out = generate.generate_text(m.model, ids, max_new_tokens, m.cfg.eos_id, m.cfg.pad_id, temperature, top_k, top_p,
+                                 seed or 0, on_tokens, compile_step)  # row b samples with seed + b
     return [m.tokenizer.decode(o, skip_special_tokens=True) for o in out]
 
 

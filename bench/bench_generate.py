@@ -31,7 +31,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import convert  # noqa: E402
 import generate  # noqa: E402
 from emu3 import Emu3, Emu3Config  # noqa: E402
-from generate import reference_grid_rule  # noqa: E402  the Emu3 docs' prefix_allowed_tokens_fn
 
 
 def build(cfg, device, dtype, seed):
@@ -56,6 +55,28 @@ def build(cfg, device, dtype, seed):
         ours = Emu3(cfg)
     ours.load_state_dict(convert.llm_from_hf(sd, cfg), strict=True, assign=True)  # the same tensors, no copy
     return hf, ours.eval()
+
+
+def docs_grid_rule(h, w, cfg):
+    """transformers' recipe's prefix_allowed_tokens_fn, as the Emu3 docs write it (transformers
+    `docs/source/en/model_doc/emu3.md`): one Python branch per token, the cost the reference pays each step. (The
+    tests keep their own copy, tests/hf_tiny.py: bench/ runs without tests/.)"""
+    visual = list(range(cfg.visual_offset, cfg.visual_offset + cfg.codebook_size))
+
+    def allowed(batch_id, input_ids):
+        offset = input_ids.shape[0] - torch.nonzero(input_ids == cfg.wrapper_id, as_tuple=True)[0][0]
+        if offset % (w + 1) == 0:
+            return (cfg.eol_id,)
+        elif offset == (w + 1) * h + 1:
+            return (cfg.eof_id,)
+        elif offset == (w + 1) * h + 2:
+            return (cfg.eoi_id,)
+        elif offset == (w + 1) * h + 3:
+            return (cfg.eos_id,)
+        elif offset > (w + 1) * h + 3:
+            return (cfg.pad_id,)
+        return visual
+    return allowed
 
 
 def prompts(cfg, h, w):
@@ -108,7 +129,7 @@ def main(full, device, dtype, grid, dim, n_layers, repeat, compile, skip_hf, see
             ids = torch.tensor([c], device=device)
             out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=2048,
                               guidance_scale=3.0, negative_prompt_ids=torch.tensor([n], device=device),
-                              prefix_allowed_tokens_fn=reference_grid_rule(hh, ww, cfg), max_new_tokens=hh * (ww + 1) + 3,
+                              prefix_allowed_tokens_fn=docs_grid_rule(hh, ww, cfg), max_new_tokens=hh * (ww + 1) + 3,
                               pad_token_id=cfg.pad_id, eos_token_id=cfg.eos_id)
         return out[:, len(c):], n_new
 

@@ -142,3 +142,25 @@ def hf_chat_messages(question, with_image=True):
     user = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question + "."}]
     return [{"role": "system", "content": [{"type": "text", "text": "You are a helpful assistant."}]},
             {"role": "user", "content": user}]
+
+
+def reference_grid_rule(h, w, cfg):
+    """The grid rule as the Emu3 docs write it for transformers' generate(prefix_allowed_tokens_fn=...) (transformers
+    `docs/source/en/model_doc/emu3.md`, after BAAI's Emu3PrefixConstrainedLogitsHelper), one Python branch per
+    token: drives transformers in the parity tests. tests/fixtures/grid_original.json is the original code's own."""
+    visual = list(range(cfg.visual_offset, cfg.visual_offset + cfg.codebook_size))
+
+    def allowed(batch_id, input_ids):
+        offset = input_ids.shape[0] - torch.nonzero(input_ids == cfg.wrapper_id, as_tuple=True)[0][0]
+        if offset % (w + 1) == 0:
+            return (cfg.eol_id,)
+        elif offset == (w + 1) * h + 1:
+            return (cfg.eof_id,)
+        elif offset == (w + 1) * h + 2:
+            return (cfg.eoi_id,)
+        elif offset == (w + 1) * h + 3:
+            return (cfg.eos_id,)
+        elif offset > (w + 1) * h + 3:
+            return (cfg.pad_id,)
+        return visual
+    return allowed

@@ -287,8 +287,9 @@ def test_cache_paths_match_full_forward():
         assert max_diff(m(ids, torch.arange(20), last_only=True), full[:, -1:]) <= FP32_TOL
         # attention reading only the filled columns rounded up to buckets of 8 (generate.cache_len) changes nothing
         m.setup_cache(2, 32)
-        steps = [m(ids[:, :6], torch.arange(6), kv_len=8)]
-        steps += [m(ids[:, t:t + 1], torch.tensor([t]), kv_len=cache_len(t + 1, 32, 8)) for t in range(6, 20)]
+        no_pad = torch.zeros(2, dtype=torch.long)  # a pad makes it the masked path, which reads bounded columns
+        steps = [m(ids[:, :6], torch.arange(6), no_pad, kv_len=8)]
+        steps += [m(ids[:, t:t + 1], torch.tensor([t]), no_pad, kv_len=cache_len(t + 1, 32, 8)) for t in range(6, 20)]
         assert max_diff(torch.cat(steps, 1), full) <= FP32_TOL
 
 

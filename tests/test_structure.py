@@ -1,5 +1,6 @@
 """The project's shape: no import cycle among its own modules (function-local imports included), imports at the top
-of each file, model files without a command line, and bench/ independent of tests/.
+of each file, model files without a command line, bench/ independent of tests/, and transformers imported only by
+tests/, bench/ and parity.py's --transformers path.
 
 Read from the source with `ast`, so the test sees every import, wherever it stands.
 """
@@ -101,3 +102,25 @@ def test_bench_does_not_import_tests():
             assert '"tests"' not in text and "'tests'" not in text, f"bench/{f} puts tests/ on the path"
             names = {name for name, _, _ in imports(parse(os.path.join(bench, f)))}
             assert not names & tests, f"bench/{f} imports {names & tests}"
+
+
+def functions_importing(tree, name):
+    """Names of the functions (None: module level) that import `name`."""
+    found = []
+    scopes = [(None, tree)]
+    while scopes:
+        scope, node = scopes.pop()
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else scope
+            if isinstance(child, (ast.Import, ast.ImportFrom)) and any(
+                    n == name for n, _, _ in imports(ast.Module(body=[child], type_ignores=[]))):
+                found.append(inner)
+            scopes.append((inner, child))
+    return found
+
+
+def test_transformers_only_in_tests_bench_and_the_parity_kit():
+    # the reference runs in tests and benchmarks; the one exception is parity.py's --transformers path
+    allowed = {"parity": ["load_transformers"]}
+    for m in MODULES:
+        assert functions_importing(parse(os.path.join(ROOT, m + ".py")), "transformers") == allowed.get(m, []), m

@@ -80,22 +80,26 @@ def split(tmp_path_factory):
 
 def one_process(int8):
     """The whole model in this process: the jobs' results, and the smallest top-2 gap of the scores of every
-    greedy step of the sequential image and of chat."""
+    greedy step of the sequential image and of chat (recorded where generate.py picks a token)."""
     model = tiny(int8)
-    gaps, real = [], generate.pick_image
+    gaps, real_image, real_text = [], generate.pick_image, generate.pick_text
     gap = lambda scores: (lambda top2: (top2[..., 0] - top2[..., 1]).nan_to_num(nan=float("inf")).min().item())(
         scores.topk(2, dim=-1).values)  # forced grid steps: inf; rows past their image (all -inf): ignored
 
-    def recording(scores, greedy, seeds, positions, first_id):
+    def image(scores, *args):
         gaps.append(gap(scores))
-        return real(scores, greedy, seeds, positions, first_id)
-    generate.pick_image = recording
+        return real_image(scores, *args)
+
+    def text(logits, *args):
+        gaps.append(gap(logits))
+        return real_text(logits, *args)
+    generate.pick_image, generate.pick_text = image, text
     try:
         generate.generate_image_tokens(model, *prompt_rows(2, SEED), GRIDS, 3.0, top_k=1)
+        generate.generate_text(model, CHAT, 8, TINY.eos_id, TINY.pad_id)
     finally:
-        generate.pick_image = real
-    generate.generate_text(model, CHAT, 8, TINY.eos_id, TINY.pad_id,
-                           pick=lambda logits, position: (gaps.append(gap(logits)), logits.argmax(-1))[1])
+        generate.pick_image, generate.pick_text = real_image, real_text
+    assert len(gaps) > 8  # both loops were recorded
     with torch.no_grad():
         return jobs(model), min(gaps)
 
