@@ -210,6 +210,9 @@ def convert(src, out, vq=None, dtype=None, image_area=None, int8=False, log=lamb
     checkpoint.check_out_dir(out)
     if image_area is not None and image_area <= 0:
         raise ValueError(f"--image-area must be positive, got {image_area}")
+    if checkpoint.is_ours(src):
+        raise ValueError(f"{src} is already in our format (sample.py and train.py take it as it is): convert.py "
+                         f"reads the released checkpoints")
     fmt = source_format(src)
     if fmt == "original-vq":
         raise ValueError(f"{src} is a vision tokenizer: give the LLM directory, with --vq {src}")

@@ -348,40 +348,36 @@ def start_image(model, cond_ids, neg_ids, grids, guidance, seed, N):
 
 @torch.no_grad()
 def generate_image_tokens(model, cond_ids, neg_ids, grids, guidance=3.0, top_k=2048, temperature=1.0, seed=0,
-                          compile_step=False, parallel=0, progress=None, preview=None):
+                          compile_step=False, parallel=0, progress=None, preview=None, preview_rows=8):
     """B prompts and B negative prompts (id lists ending in <|image token|>), B grids (h, w) -> (tokens (B, n_max),
     forward passes). Row b's image is its first h*(w+1)+3 tokens, then PAD (rows with smaller grids wait).
 
     cond and uncond rows run as ONE batch of 2B rows with one static KV cache (B rows when guidance is 1); every
     step both halves are fed the token sampled from the guided scores (as BAAI's and transformers' CFG feed the
     unconditional branch the conditional branch's token). parallel=N > 1: jacobi_image_tokens, the same tokens.
-    progress(done, total, passes, seconds) is called now and then with host-side counts; preview(tokens (B, n),
-    accepted) every few grid rows with the tokens so far (a host read: only when asked for).
+    progress(done, total, passes, seconds) is called after the first pass (with --compile: the compile) and every
+    64 passes, with host-side counts; preview(tokens (B, n), n) every preview_rows rows of the widest grid with the
+    tokens so far (a host read, so only when asked for).
     """
     if parallel > 1:
         return jacobi_image_tokens(model, cond_ids, neg_ids, grids, guidance, top_k, temperature, seed, parallel,
-                                   compile_step, progress, preview)
+                                   compile_step, progress, preview, preview_rows)
     r = start_image(model, cond_ids, neg_ids, grids, guidance, seed, 1)
     step = compiled(image_step) if compile_step else image_step
     args = (r.h, r.w, r.seeds, guidance, top_k, temperature)
-    t0, every = time.perf_counter(), preview_every(grids)
+    t0, every = time.perf_counter(), preview_rows * (max(w for _, w in grids) + 1)
     for i in range(r.n_new):  # the token at position i, from the one before it at cache column L - 1 + i
         r.seq[:, i + 1:i + 2] = step(model, r.seq[:, i:i + 1], r.cols[i:i + 1], r.pad, r.positions[i:i + 1], *args,
                                      cache_len(r.L + i, r.size))
-        if progress is not None and ((i + 1) % 64 == 0 or i + 1 == r.n_new):
+        if progress is not None and (i == 0 or (i + 1) % 64 == 0 or i + 1 == r.n_new):
             progress(i + 1, r.n_new, i + 1, time.perf_counter() - t0)
         if preview is not None and ((i + 1) % every == 0 or i + 1 == r.n_new):
             preview(r.seq[:, 1:i + 2], i + 1)
     return r.seq[:, 1:1 + r.n_new], r.n_new
 
 
-def preview_every(grids, rows=4):
-    """Tokens between two previews: every few rows of the widest grid."""
-    return rows * (max(w for _, w in grids) + 1)
-
-
 def jacobi_image_tokens(model, cond_ids, neg_ids, grids, guidance, top_k, temperature, seed, N, compile_step=False,
-                        progress=None, preview=None):
+                        progress=None, preview=None, preview_rows=8):
     """Parallel (Jacobi) decoding: the same tokens as generate_image_tokens, in fewer passes.
 
     Each pass feeds the last accepted token and N - 1 guesses (first_guess: the row above, or the noise alone) to
@@ -392,7 +388,7 @@ def jacobi_image_tokens(model, cond_ids, neg_ids, grids, guidance, top_k, temper
     r = start_image(model, cond_ids, neg_ids, grids, guidance, seed, N)
     step = compiled(image_step) if compile_step else image_step
     args = (r.h, r.w, r.seeds, guidance, top_k, temperature)
-    t0, every, shown = time.perf_counter(), preview_every(grids), 0
+    t0, every, shown = time.perf_counter(), preview_rows * (max(w for _, w in grids) + 1), 0
     a, guessed, passes = 0, 0, 0  # a: tokens accepted; positions < guessed hold a token or a guess
     while a < r.n_new:
         if guessed < a + N - 1:  # positions no pass has predicted yet get first guesses
@@ -407,7 +403,7 @@ def jacobi_image_tokens(model, cond_ids, neg_ids, grids, guidance, top_k, temper
         accepted = int(right.cumprod(0).sum()) + 1  # the one host read of a pass
         r.seq[:, 1 + a:1 + a + N] = new  # accepted tokens, then the next pass's guesses
         a, guessed, passes = a + accepted, a + N, passes + 1
-        if progress is not None and (passes % 64 == 0 or a >= r.n_new):
+        if progress is not None and (passes == 1 or passes % 64 == 0 or a >= r.n_new):
             progress(min(a, r.n_new), r.n_new, passes, time.perf_counter() - t0)
         if preview is not None and (a // every > shown or a >= r.n_new):
             shown = a // every

@@ -422,7 +422,7 @@ def train_lm(model, tok, codes, scene_idx, state_path, steps, batch, lr, seed, p
 
 def run_images(m, captions, seed):
     """sample.images (what `python sample.py image` runs) with its defaults -> PIL images; caption b uses seed + b."""
-    return sample.images(m, captions, seed=seed)[0]
+    return sample.images(m, captions, seed=seed)
 
 
 def run_chat(m, questions, pictures, px):

@@ -45,7 +45,7 @@ def main(ckpt, windows, seeds, guess, threads):
         for seed in seeds:
             for i, text in enumerate(captions):
                 t = time.perf_counter()
-                [image], p = sample.images(m, [text], seed=seed, parallel=window)
+                [image], p = sample.images(m, [text], seed=seed, parallel=window, return_passes=True)
                 seconds += time.perf_counter() - t
                 passes += p
                 key = (seed, i)

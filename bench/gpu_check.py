@@ -77,16 +77,16 @@ def smoke(dev):
     for d in [torch.device("cpu")] + ([dev] if dev.type != "cpu" else []):
         m = sample.load(os.path.join(ROOT, "toy", "ckpt"), d, "float32")
         texts = ["a large red circle in the center", "a small blue square on the left"]
-        pictures, _ = sample.images(m, texts, seed=0)
+        pictures = sample.images(m, texts, seed=0)
         picture = picture or pictures[0]
-        par, passes = sample.images(m, texts, seed=0, parallel=8)
+        par, passes = sample.images(m, texts, seed=0, parallel=8, return_passes=True)
         answers = sample.chat(m, ["Describe the image.", "What shape is this?"], [picture, pictures[1]],
                               max_new_tokens=16)
         results[d.type] = ([p.tobytes() for p in pictures], [p.tobytes() for p in par], answers, passes)
         if d.type == dev.type:
             torch._dynamo.reset()
             t = time.perf_counter()
-            compiled, _ = sample.images(m, texts, seed=0, compile_step=True)
+            compiled = sample.images(m, texts, seed=0, compile_step=True)
             note("smoke", "compiled toy image (s, compile included)", f"{time.perf_counter() - t:.1f}")
             note("smoke", "compiled == eager on the device", [p.tobytes() for p in compiled] == results[d.type][0])
             torch._dynamo.reset()

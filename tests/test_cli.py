@@ -113,7 +113,7 @@ def test_progress_gives_no_estimate_before_a_rate_is_measured(capsys, monkeypatc
     monkeypatch.setattr(sample, "images", fake_images)
     monkeypatch.setattr(sample, "load", lambda *a, **k: None)
     sample.run_image(TOY, ["a red circle"], sample.prompts.NEGATIVE_PROMPT, None, None, 3.0, 2048, 1.0, 1, 0,
-                     "/tmp/never_written.png", 0, "cpu", "bfloat16", None, False)
+                     "/tmp/never_written.png", 0, "cpu", "bfloat16", None, False, True, None, 8)
     progress = [s for s in seen if s.startswith("token ")]
     assert "left" not in progress[0] and progress[1].endswith("14s left")  # 872 tokens at 64 tokens/s
 
@@ -123,7 +123,7 @@ def test_help_shows_defaults():
     assert r.returncode == 0
     text = " ".join(r.stdout.split())
     for words in ["(default: 3.0)", "(default: 2048)", "(default: 1.0)", "(default: image.png)",
-                  "(default: bfloat16)", "(default: lowres, bad anatomy", "(default: 0)"]:
+                  "(default: bfloat16 on cuda, float32 on a CPU)", "(default: lowres, bad anatomy", "(default: 0)"]:
         assert words in text, words
     assert "(default: None)" not in text
     r = run("train.py", "--help")

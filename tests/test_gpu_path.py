@@ -69,7 +69,7 @@ def test_the_emulated_layout_is_cudas():
 @pytest.fixture(scope="module")
 def toy():
     m = sample.load(os.path.join(ROOT, "toy", "ckpt"), "cpu", "float32")
-    pictures, _ = sample.images(m, ["a large red circle in the center", "a small blue square on the left"], seed=0)
+    pictures = sample.images(m, ["a large red circle in the center", "a small blue square on the left"], seed=0)
     return m, pictures
 
 
@@ -81,11 +81,11 @@ def jobs(m, pictures):
     out["chat batch"] = sample.chat(m, ["What colour is the shape?", "Where is the shape?"], pictures,
                                     max_new_tokens=12, temperature=1.0, top_k=5, seed=3)
     out["text only"] = sample.chat(m, ["What shape is this?"], max_new_tokens=6)
-    out["images"] = [p.tobytes() for p in sample.images(m, ["a small green triangle at the top"], seed=1)[0]]
+    out["images"] = [p.tobytes() for p in sample.images(m, ["a small green triangle at the top"], seed=1)]
     out["parallel"] = [p.tobytes() for p in sample.images(m, ["a small green triangle at the top"], seed=1,
-                                                          parallel=8)[0]]
+                                                          parallel=8)]
     out["ratios"] = [p.tobytes() for p in sample.images(m, ["a large purple square", "a small red circle"],
-                                                        ratios=["1:1", "2:1"], seed=2)[0]]
+                                                        ratios=["1:1", "2:1"], seed=2)]
     return out
 
 

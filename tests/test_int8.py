@@ -133,7 +133,7 @@ def test_toy_answers_unchanged_by_int8():
     # the README's image and questions, the toy in bf16 and in int8 (and the Python API's int8 flag)
     m, q = sample.load(TOY, "cpu", "bfloat16"), sample.load(TOY, "cpu", "bfloat16", int8=True)
     assert quantize.is_int8(q.model) and not quantize.is_int8(m.model)
-    [circle], _ = sample.images(m, ["a large red circle in the center"], seed=0)
+    [circle] = sample.images(m, ["a large red circle in the center"], seed=0)
     pictures = [circle] + [train.draw(s, rng=random.Random(k)) for k, s in enumerate(
         [("square", "blue", "small", "on the left"), ("triangle", "green", "large", "at the top")])]
     questions = ["Describe the image.", "What shape is this?", "What colour is the shape?", "Where is the shape?",

@@ -284,7 +284,7 @@ def test_parallel_equals_sequential(data, seed, B, guidance, top_k, temperature,
 def test_parallel_on_the_toy_is_the_same_image_in_fewer_passes():
     m = sample.load(os.path.join(ROOT, "toy", "ckpt"), "cpu", "float32")
     texts = ["a small red circle in the top left", "a large blue triangle at the bottom", "a small green square"]
-    seq, seq_passes = sample.images(m, texts, seed=3)
-    par, passes = sample.images(m, texts, seed=3, parallel=16)
+    seq, seq_passes = sample.images(m, texts, seed=3, return_passes=True)
+    par, passes = sample.images(m, texts, seed=3, parallel=16, return_passes=True)
     assert all(a.tobytes() == b.tobytes() for a, b in zip(seq, par))
     assert seq_passes == 45 and passes < seq_passes / 2, passes

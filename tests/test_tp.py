@@ -170,7 +170,7 @@ def test_data_parallel_images_are_the_single_process_files(tmp_path):
     assert r.returncode == 0, r.stderr
     paths = [tmp_path / f"x_{i}.png" for i in range(3)]
     assert r.stdout.split() == list(map(str, paths))  # once, in prompt order
-    alone, _ = sample.images(sample.load(TOY, "cpu"), TEXTS, seed=3)
+    alone = sample.images(sample.load(TOY, "cpu"), TEXTS, seed=3)
     assert all(np.array_equal(pixels(p), np.asarray(a)) for p, a in zip(paths, alone))
     assert not np.array_equal(pixels(paths[0]), pixels(paths[1]))
 
@@ -210,7 +210,7 @@ def test_tensor_parallel_image_written_once(tmp_path):
     assert r.returncode == 0, r.stderr
     paths = [tmp_path / f"x_{i}.png" for i in range(2)]
     assert r.stdout.split() == list(map(str, paths)) and sorted(os.listdir(tmp_path)) == ["x_0.png", "x_1.png"]
-    alone, _ = sample.images(sample.load(TOY, "cpu", "float32"), TEXTS[:2], seed=3)
+    alone = sample.images(sample.load(TOY, "cpu", "float32"), TEXTS[:2], seed=3)
     assert all(np.array_equal(pixels(p), np.asarray(a)) for p, a in zip(paths, alone))
 
 
