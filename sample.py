@@ -77,7 +77,7 @@ def default_device():
 def default_dtype(device):
     """bf16 on a GPU; fp32 on a CPU, where bf16 is slower (1.8 s against 0.9 s for ten toy images here) and
     --parallel gives the sequential image only up to bf16 rounding."""
-    return "bfloat16" if checkpoint.parse_device(device).type == "cuda" else "float32"
+    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
 
 
 def image_factor(ckpt):
