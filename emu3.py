@@ -1,7 +1,7 @@
 """Emu3 text decoder: a Llama-style GQA transformer over one shared text + visual-token vocabulary.
 
 Tracks the original BAAI code (baaivision/Emu3, `emu3/mllm/modeling_emu3.py`: Emu3Model, Emu3DecoderLayer) and
-transformers' port (`models/emu3/modeling_emu3.py`: Emu3ForCausalLM); docs/reference.md lists the details they share.
+transformers' port (`models/emu3/modeling_emu3.py`: Emu3ForCausalLM), which compute the same thing.
 Images enter as ordinary token ids (VQ code k -> visual_offset + k), so this file knows nothing about pixels.
 
     tokens (B,T) -> embed (B,T,4096)
@@ -43,7 +43,7 @@ class Emu3Config:
     norm_eps: float = 1e-5
     max_seq_len: int = 9216
     image_area: int = 518400  # target pixel area of generated images (Gen 720*720)
-    # special token ids (reference §4.1)
+    # special token ids (the released tokenizer's: BAAI `emu3/mllm/tokenization_emu3.py`)
     pad_id: int = 151643  # <|endoftext|>
     eol_id: int = 151846  # <|extra_200|>, ends a row of visual tokens
     eof_id: int = 151847  # <|extra_201|>, ends a frame

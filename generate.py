@@ -1,7 +1,7 @@
 """Decoding: the sampling recipe, keyed noise, and the two loops over the static KV cache (chat, images).
 
 The recipe is the one the references run (transformers' `generation/logits_process.py` processors, in the order
-its `generate` applies them; BAAI's `image_generation.py` passes the same ones; docs/reference.md §7):
+its `generate` applies them; BAAI's `image_generation.py` passes the same ones):
     images  CFG in log-softmax space against the negative prompt (UnbatchedClassifierFreeGuidanceLogitsProcessor)
             -> the image-grid rule (PrefixConstrainedLogitsProcessor with BAAI's Emu3PrefixConstrainedLogitsHelper)
             -> temperature -> top-k -> a sample

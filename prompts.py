@@ -1,4 +1,5 @@
-"""Every prompt format Emu3 knows, as strings of text and special tokens (reference §4.3, §6).
+"""Every prompt format Emu3 knows, as strings of text and special tokens (BAAI `emu3/mllm/processing_emu3.py`:
+Emu3Processor; transformers `models/emu3/processing_emu3.py`: Emu3Processor and its chat template).
 
 Each prompt is written as ONE string, the special tokens spelled as their strings ("<|image start|>",
 "<|visual token 000123|>", ...), and tokenized once: the tokenizer matches every special string to its id and splits

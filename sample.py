@@ -79,7 +79,7 @@ def default_device():
 def default_dtype(device):
     """bf16 on a GPU; fp32 on a CPU, where bf16 is slower (1.8 s against 0.9 s for ten toy images here) and
     --parallel gives the sequential image only up to bf16 rounding."""
-    return "bfloat16" if checkpoint.parse_device(device).type == "cuda" else "float32"
+    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
 
 
 def image_factor(ckpt):
@@ -351,18 +351,26 @@ def check_image_length(cfg, rows, grids, parallel):
 
 def decode(m, tokens, grids, partial=False):
     """Token rows (B, >= n) -> PIL images through the VQ-VAE, one at a time (the full-size decoder is memory
-    hungry). partial: tokens of an image still being drawn; its complete grid rows are decoded and the rest is
-    grey."""
+    hungry). partial: tokens of an image still being drawn; its complete grid rows are shown, the rest grey. (The
+    whole grid is decoded with the last complete row repeated below it: the decoder's GroupNorms see the whole
+    image, and a grid cut short would shift its colours.)"""
     pictures = []
     with vq_precision():
         for row, (h, w) in zip(tokens, grids):
             rows = min(h, row.shape[0] // (w + 1)) if partial else h
-            full = Image.new("RGB", (8 * w, 8 * h), (128, 128, 128))
+            picture = Image.new("RGB", (8 * w, 8 * h), (128, 128, 128))
             if rows:
-                codes = generate.tokens_to_codes(row[None, :rows * (w + 1) + 3], rows, w, m.cfg)
-                full.paste(postprocess(m.vq.decode(codes.to(m.vq.quant_conv.conv.weight.device))[0]), (0, 0))
-            pictures.append(full)
+                codes = grid_codes(row, rows, h, w, m.cfg)
+                decoded = postprocess(m.vq.decode(codes.to(m.vq.quant_conv.conv.weight.device))[0])
+                picture.paste(decoded.crop((0, 0, 8 * w, 8 * rows)), (0, 0))
+            pictures.append(picture)
     return pictures
+
+
+def grid_codes(tokens, rows, h, w, cfg):
+    """(1, h, w) codes from an image's first rows (< h: the last of them repeated down to h)."""
+    codes = tokens[: rows * (w + 1)].reshape(rows, w + 1)[:, :w] - cfg.visual_offset  # (rows, w)
+    return torch.cat([codes, codes[-1:].expand(h - rows, w)])[None]
 
 
 def check_image_args(texts, ratios, area, guidance, top_k, temperature, seed, parallel):

@@ -1,7 +1,8 @@
 """Emu3's text tokenizer: Qwen's byte-level BPE + 211 specials + 32768 visual tokens, as one `tokenizers.Tokenizer`.
 
-Tracks the original BAAI `emu3/mllm/tokenization_emu3.py` (a tiktoken Encoding; reference §4.1, §5). tiktoken is not
-a dependency: the same ids come from a `tokenizers` BPE built from the same ranks.
+Tracks the original BAAI `emu3/mllm/tokenization_emu3.py` (a tiktoken Encoding: qwen.tiktoken's ranks + the
+specials + emu3_vision_tokens.txt). tiktoken is not a dependency: the same ids come from a `tokenizers` BPE built
+from the same ranks.
 
     text -> NFC -> split by the Qwen regex (one digit per piece) -> bytes -> printable chars -> BPE -> ids 0..151642
     special strings ("<|extra_203|>", "<|visual token 000007|>", ...) anywhere in the text -> their ids 151643..184621

@@ -1,7 +1,7 @@
 """Train a toy Emu3 on CPU: a synthetic shapes world, a small VQ-VAE and a small decoder, in our checkpoint format.
 
 Everything here goes through the real code: `vqvae.VQVAE` (its encode_latents / quantize_latents / decode_latents
-steps), `emu3.Emu3`, `tokenizer.build_tokenizer`, prompts.py's prompt builders (reference §4.3, §6) and
+steps), `emu3.Emu3`, `tokenizer.build_tokenizer`, prompts.py's prompt builders and
 `checkpoint.save`, so `python sample.py image|chat --ckpt toy/ckpt ...` runs the toy exactly as it runs the released
 checkpoints; only config.json (sizes, special-token ids) and tokenizer.json differ.
 
@@ -182,7 +182,7 @@ def make_tokenizer(path, n_visual):
 
 
 def special_ids(tok):
-    """Emu3Config's special-token fields, read off the tokenizer by their reference strings (§4.1)."""
+    """Emu3Config's special-token fields, read off the tokenizer by their strings in the released tokenizer."""
     names = dict(pad_id="<|endoftext|>", eol_id="<|extra_200|>", eof_id="<|extra_201|>", bos_id="<|extra_203|>",
                  eos_id="<|extra_204|>", wrapper_id="<|image token|>", boi_id="<|image start|>", eoi_id="<|image end|>",
                  visual_offset="<|visual token 000000|>")

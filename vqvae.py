@@ -19,7 +19,8 @@ An image runs the 2-D encoder once and the 2-D decoder on frame 0 only: a quarte
 same result (frames never mix in the 2-D layers) up to the last-bit rounding of batch-size-dependent conv kernels.
 Training (train.py) uses the same three steps, with a straight-through estimate between quantize and decode.
 
-Images in and out (transformers' Emu3ImageProcessor with the released settings, reference §2.6):
+Images in and out (transformers' `models/emu3/image_processing_emu3.py`: Emu3ImageProcessor with the released
+settings, which BAAI's `emu3/tokenizer/image_processing_emu3visionvq.py` matches):
   PIL image -> RGB -> smart_resize (multiples of 8, area within [min_pixels, max_pixels]) -> bicubic on uint8
   -> /255 in float64 -> (x - 0.5) / 0.5 -> (3, H, W) float32;  and back: (x + 1) / 2 * 255, clip, truncate.
 """
@@ -413,7 +414,7 @@ def to_rgb(image, transparency="drop"):
 
 
 def preprocess(image, min_pixels=512 * 512, max_pixels=1024 * 1024, factor=8, transparency="drop"):
-    """PIL image -> (3, H, W) float32 in [-1, 1], H and W multiples of factor (reference §2.6)."""
+    """PIL image -> (3, H, W) float32 in [-1, 1], H and W multiples of factor (Emu3ImageProcessor.preprocess)."""
     image = to_rgb(image, transparency)
     height, width = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
     x = np.asarray(image.resize((width, height), Image.BICUBIC))         # (H, W, 3) uint8, bicubic on uint8

@@ -8,7 +8,7 @@ python bench/bench_generate.py --full --device cuda --dtype bfloat16 --compile -
 Random weights, one set shared by both: ours aliases transformers' tensors (convert.llm_from_hf, assign=True).
 Ours: cond + uncond prompts as one 2-row batch, static KV cache, CFG / grid mask / top-k on the device.
 transformers: generate(do_sample=True, top_k=2048, guidance_scale=3.0, negative_prompt_ids (with the image
-prefix), prefix_allowed_tokens_fn = the Emu3 docs' grid rule) -- reference §7.6 -- a second model pass for the
+prefix), prefix_allowed_tokens_fn = the Emu3 docs' grid rule) -- a second model pass for the
 unconditional branch and a Python prefix function each step.
 With --parallel N, ours also runs Jacobi decoding with windows of N (the same tokens, fewer forward passes). Random
 weights give a nearly flat next-token distribution, so the noise decides most tokens and guesses made from the

@@ -55,8 +55,7 @@ def count(model, grids, parallel, seed=0):
         logging.getLogger("torch._dynamo").removeHandler(handler)
     seconds = time.perf_counter() - t
     c = torch._dynamo.utils.counters
-    counts = dict(graphs=c["stats"]["unique_graphs"], frames=c["frames"]["total"], compiled=c["frames"]["ok"],
-                  recompiles=len(handler.reasons), limit_hits=len(handler.limit_hits), reasons=handler.reasons,
+    counts = dict(graphs=c["stats"]["unique_graphs"], recompiles=len(handler.reasons), limit_hits=len(handler.limit_hits), reasons=handler.reasons,
                   limit=handler.limit_hits)
     return counts, seconds
 
@@ -74,8 +73,8 @@ def main(grid, dim, parallel, threads, bucket):
           f"--parallel {parallel}; bucket {generate.BUCKET} -> cache lengths "
           f"{len({generate.cache_len(n, 10**9) for n in range(60, 60 + n_new)})}", flush=True)
     counts, seconds = count(model, [(h, w)], parallel)
-    print(f"graphs compiled {counts['graphs']}, frames compiled {counts['compiled']} of {counts['frames']}, "
-          f"recompiles {counts['recompiles']}, recompile-limit fallbacks {counts['limit_hits']}; {seconds:.0f}s")
+    print(f"graphs compiled {counts['graphs']}, recompiles {counts['recompiles']}, "
+          f"recompile-limit fallbacks {counts['limit_hits']}; {seconds:.0f}s")
     for r in counts["reasons"][:5]:
         print("  recompile:", r[:300])
     for r in counts["limit"][:3]:

@@ -140,9 +140,9 @@ def test_parity_hf_left_padding():
 
 
 def test_parity_hf_image_inputs():
-    # Emu3ForConditionalGeneration fed pixels == our decoder fed the token ids of HF's VQ codes (reference §4.3)
+    # Emu3ForConditionalGeneration fed pixels == our decoder fed the token ids of HF's VQ codes (the image block of prompts.image_block)
     from transformers import Emu3Config as HFEmu3Config, Emu3ForConditionalGeneration
-    CB = 16  # vocab: 0..63 text, 64 = "<image>", 65 = EOL, 66.. visual tokens (reference §13)
+    CB = 16  # vocab: 0..63 text, 64 = "<image>", 65 = EOL, 66.. visual tokens
     vocab_map = ({f"t{i}": i for i in range(64)} | {"<image>": 64, "<|extra_200|>": 65}
                  | {f"<|visual token {k:06d}|>": 66 + k for k in range(CB)})
     cfg = small_cfg(vocab_size=82)

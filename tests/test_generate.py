@@ -1,7 +1,7 @@
 """Image generation (generate.py, sample.images) against transformers' generate, plus invariants.
 
 Parity: a tiny random "-hf" checkpoint (tests/hf_tiny.py: full 184622 vocabulary, Qwen-BPE tokenizer, 8x VQ) runs
-transformers' recipe (reference §7.6: guidance_scale=3.0, negative_prompt_ids built WITH the image prefix,
+transformers' recipe (generate with guidance_scale=3.0, negative_prompt_ids built WITH the image prefix,
 prefix_allowed_tokens_fn = the Emu3 docs' grid rule, greedy) and ours (one 2B-row batch, static cache, device mask).
 Greedy tokens must be identical, every greedy step having a top-2 margin far above float noise, and the decoded
 PNGs within 1 per channel of transformers' decode_image_tokens + processor postprocess.

@@ -158,3 +158,14 @@ def test_compiled_chat_step_compiles_once_and_matches_eager(monkeypatch):
     with cuda_sdpa(), counted_compiles() as counts:
         assert [run(True, 30), run(True, 9)] == eager
     assert counts["graphs"] == 1, counts  # whatever the lengths
+
+
+def test_gpu_check_smoke_runs_on_the_cpu():
+    # bench/gpu_check.py must survive its first run on a GPU: here its smoke section runs end to end on the CPU
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--device", "cpu", "--smoke"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = r.stdout.split("== summary")[1]
+    assert "FAILED" not in r.stdout and summary.count("True") == 4 and "False" not in summary, r.stdout[-3000:]
