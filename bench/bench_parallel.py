@@ -6,7 +6,7 @@
 A trained model (unlike random weights) has peaked next-token distributions, so this is where acceptance means
 something. Each image is generated alone (a batch accepts the shortest run of its rows) with the official recipe
 (guidance 3, top-k 2048), in fp32, sequentially and with --parallel N; prints forward passes per image, tokens
-accepted per pass (after the prefill), wall time, the ratios, and whether every image is identical.
+accepted per pass, wall time, the ratios, and whether every image is identical.
 --guess picks the first guesses for positions no pass has predicted yet: "above" (generate.first_guess: the token
 one row up where there is one, the noise elsewhere) or "noise" (the noise alone under the grid rule everywhere).
 """
@@ -60,7 +60,7 @@ def main(ckpt, windows, seeds, guess, threads):
     print(f"{'':14s} {'passes':>7s} {'tokens/pass':>11s} {'ms/image':>9s} {'fewer passes':>13s} {'speed':>6s}  same")
     for window, passes, seconds, same in rows:
         name = "sequential" if window == 0 else f"--parallel {window}"
-        per_pass = (n_new - 1) / (passes - 1)  # after the prefill, which gives the first token
+        per_pass = n_new / passes  # every pass, the first included, picks at least one token
         print(f"{name:14s} {passes:7.1f} {per_pass:11.2f} {seconds * 1e3:9.1f} {base_passes / passes:12.2f}x "
               f"{base_time / seconds:5.2f}x  {same}")
 
