@@ -1,4 +1,5 @@
-"""Train a toy Emu3 on CPU: a synthetic shapes world, a small VQ-VAE and a small decoder, in our checkpoint format.
+"""Train a toy Emu3 on CPU (a synthetic shapes world, a small VQ-VAE and a small decoder), or fine-tune any checkpoint
+of ours on examples from a JSONL file; both write our checkpoint format.
 
 Everything here goes through the real code: `vqvae.VQVAE` (its encode_latents / quantize_latents / decode_latents
 steps), `emu3.Emu3`, `tokenizer.build_tokenizer`, prompts.py's prompt builders and
@@ -21,12 +22,25 @@ The toy has its own tiny byte-level BPE (ranks learnt here from the toy's text, 
 `convert.build_tokenizer`, so its specials and visual tokens keep the real layout at smaller ids
 (pad = n_ranks, bos = n_ranks + 206, visual token k = n_ranks + 211 + k); Emu3Config carries those ids.
 
+Fine-tuning reuses the decoder stage: the same sequence layouts, loss and loop (`fit`), on the examples of a JSONL
+file (finetune.py reads and checks them) instead of the toy's pool:
+
+    FILE.jsonl -> examples -> the checkpoint's VQ-VAE (frozen) codes each image -> sequences as sample.py builds
+    its prompts (gen_sequence / answer_sequence) -> fit: AdamW, per-step seeded batches, OUT.state.pt every
+    --save-every steps -> held-out loss -> checkpoint.save(OUT): the source's configs, VQ-VAE and tokenizer, the
+    new weights (LoRA adapters merged), and a record of the fine-tune in config.json's "training"
+    one process: CPU or one GPU (bf16 autocast; --lora R: adapters, frozen bf16 weights);
+    torchrun: FSDP2 over the processes (finetune.shard)
+
     python train.py                      # train VQ, then the decoder, into a new folder toy/trained (re-run to resume)
     python train.py --eval --out toy/ckpt --samples grid.png   # score a checkpoint through sample.py, draw a grid
+    python train.py finetune --ckpt toy/ckpt --data lesson.jsonl --out toy/ckpt-es      # (--resume after a kill)
+    torchrun --nproc-per-node 8 train.py finetune --ckpt ckpt/gen --data data.jsonl --out ckpt/gen-ft --lr 1e-5
 The shipped toy/ckpt is never written unless named with --out and --overwrite.
 """
 import argparse
 import base64
+import hashlib
 import math
 import os
 import random
@@ -34,21 +48,26 @@ import re
 import sys
 import time
 from collections import Counter
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tokenizers import Regex, pre_tokenizers
 
 import checkpoint
+import finetune
+import lora
 import prompts
 import sample
 from emu3 import Emu3, Emu3Config
 from prompts import NEGATIVE_PROMPT, POSITIVE_PROMPT, SYSTEM
 from tokenizer import QWEN_PAT, build_tokenizer
-from vqvae import VQVAE, ImageConfig, VQConfig, postprocess, preprocess
+from vqvae import VQVAE, ImageConfig, VQConfig, postprocess, preprocess, to_rgb
 
 # ---- synthetic data: one coloured shape on a light background ----
 
@@ -343,9 +362,23 @@ def gen_sequence(tok, cfg, text, codes):
 
 def chat_sequence(tok, cfg, question, ans, codes):
     """(ids, loss mask): prompts.chat_prompt(question, codes) then " answer" eos, loss on the answer and eos."""
-    prompt = prompts.encode(tok, prompts.chat_prompt(question, codes))
+    return answer_sequence(tok, cfg, prompts.chat_prompt(question, codes), ans)
+
+
+def answer_sequence(tok, cfg, prompt, ans):
+    """(ids, loss mask) of a chat prompt string followed by " answer" eos: loss on the answer and eos only."""
+    ids = prompts.encode(tok, prompt)
     reply = tok.encode(" " + ans, add_special_tokens=False).ids + [cfg.eos_id]
-    return prompt + reply, [0] * len(prompt) + [1] * len(reply)
+    return ids + reply, [0] * len(ids) + [1] * len(reply)
+
+
+def gen_text(rng, text, p_uncond):
+    """A generation sequence's text: the caption with the positive prompt (sample.py appends it to every caption),
+    or with probability p_uncond the negative prompt or an empty one: "no caption", so that the CFG branch is a
+    trained unconditional model."""
+    if rng.random() < p_uncond:
+        return rng.choice([NEGATIVE_PROMPT, ""])
+    return text + POSITIVE_PROMPT
 
 
 def make_lm_batch(rng, tok, cfg, codes, scene_idx, n, p_gen, p_uncond):
@@ -355,67 +388,87 @@ def make_lm_batch(rng, tok, cfg, codes, scene_idx, n, p_gen, p_uncond):
         j = rng.randrange(len(codes))
         scene = ALL_SCENES[scene_idx[j]]
         if rng.random() < p_gen:
-            # sample.py appends the positive prompt to every caption; the negative prompt (or an empty one)
-            # stands for "no caption", so the CFG branch is a trained unconditional model
-            if rng.random() < p_uncond:
-                text = rng.choice([NEGATIVE_PROMPT, ""])
-            else:
-                text = caption(scene) + POSITIVE_PROMPT
-            seqs.append(gen_sequence(tok, cfg, text, codes[j]))
+            seqs.append(gen_sequence(tok, cfg, gen_text(rng, caption(scene), p_uncond), codes[j]))
         else:
             q = rng.choice(list(QUESTIONS))
             seqs.append(chat_sequence(tok, cfg, q, answer(q, scene), codes[j]))
+    return pad_batch(seqs, cfg.pad_id)
+
+
+def pad_batch(seqs, pad_id, device="cpu"):
+    """[(ids, loss mask)] -> tokens (n,T), targets (n,T): the ids where the mask is 1, else -100."""
     T = max(len(s) for s, _ in seqs)
-    tokens = torch.full((n, T), cfg.pad_id)  # right padding: causal attention never looks at it
-    targets = torch.full((n, T), -100)
+    tokens = torch.full((len(seqs), T), pad_id)  # right padding: causal attention never looks at it
+    targets = torch.full((len(seqs), T), -100)
     for i, (s, m) in enumerate(seqs):
         tokens[i, :len(s)] = torch.tensor(s)
         targets[i, :len(s)] = torch.where(torch.tensor(m, dtype=torch.bool), torch.tensor(s), -100)
-    return tokens, targets
+    return tokens.to(device), targets.to(device)
 
 
-def train_lm(model, tok, codes, scene_idx, state_path, steps, batch, lr, seed, p_gen, p_uncond, log_every=25,
-             save_every=100):
-    """Next-token cross-entropy on the masked positions; resumes from / saves to `state_path` every save_every steps."""
-    cfg = model.cfg
-    decay = [p for n, p in model.named_parameters() if p.ndim == 2]
-    other = [p for n, p in model.named_parameters() if p.ndim < 2]  # norm weights: no weight decay
+def sequence_losses(logits, targets):
+    """logits (B,T,V), targets (B,T) -> (B,) each sequence's next-token cross-entropy, averaged over its own loss
+    tokens: a chat answer (~6 tokens) weighs as much as an image (~40), else the images drown the answers."""
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets[:, 1:], reduction="none")  # (B, T-1)
+    return ce.sum(1) / (targets[:, 1:] != -100).sum(1).clamp_min(1)
+
+
+def fit(model, next_batch, steps, lr, state_path, save_every=100, log_every=25, record=None, amp=nullcontext):
+    """AdamW on the mean of sequence_losses over next_batch(step) -> (tokens, targets), the learning rate of lr_at,
+    gradients clipped at norm 1. Resumes from state_path (finetune.save_state's file), saves it every save_every
+    steps and at the end. Only the parameters that require gradients train (LoRA: the adapters). Under torchrun
+    each process passes its slice of the batch; the loss logged is their mean. amp: the forward's autocast."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim == 2]
+    other = [p for p in trainable if p.ndim < 2]  # norm weights: no weight decay
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98))
     step = 0
     if os.path.exists(state_path):
-        st = torch.load(state_path, weights_only=True)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        step = st["step"]
-        print(f"lm: resumed at step {step}")
+        step = finetune.restore(state_path, model, opt, record)
+        say(f"resumed at step {step}")
     model.train()
-    t0, t_step, avg = time.time(), step, None
+    t0, step0, avg = time.time(), step, None
     while step < steps:
-        rng = random.Random(seed * 1_000_003 + 7 + step)
-        tokens, targets = make_lm_batch(rng, tok, cfg, codes, scene_idx, batch, p_gen, p_uncond)
+        tokens, targets = next_batch(step)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr)
-        logits = model(tokens)  # (B, T, V) fp32
-        # mean over each sequence's loss tokens, then over sequences: a chat answer (~6 tokens) weighs as much as
-        # an image (~40), else the images drown the answers and chat learns little beyond colour
-        ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets[:, 1:], reduction="none")  # (B, T-1)
-        loss = (ce.sum(1) / (targets[:, 1:] != -100).sum(1).clamp_min(1)).mean()
+        with amp():
+            loss = sequence_losses(model(tokens), targets).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         step += 1
-        avg = loss.item() if avg is None else 0.95 * avg + 0.05 * loss.item()
+        shown = finetune.mean_over_processes(loss).item()
+        avg = shown if avg is None else 0.95 * avg + 0.05 * shown
         if step % log_every == 0 or step == steps:
-            print(f"lm step {step}/{steps}  loss {loss.item():.4f}  avg {avg:.4f}  lr {lr_at(step - 1, steps, lr):.2e}"
-                  f"  {(time.time() - t0) / (step - t_step):.2f}s/step", flush=True)
-            t0, t_step = time.time(), step
+            rate = (step - step0) / (time.time() - t0)
+            say(f"step {step}/{steps}  loss {shown:.5f}  avg {avg:.4f}  lr {lr_at(step - 1, steps, lr):.2e}  "
+                f"{rate:.2f} steps/s  {clock((steps - step) / rate)} left")
         if step % save_every == 0 or step == steps:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, state_path + ".tmp")
-            os.replace(state_path + ".tmp", state_path)
+            finetune.save_state(state_path, model, opt, step, record)
     model.eval()
     return model
+
+
+def clock(seconds):
+    return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"
+
+
+def say(*args):
+    """print, from one process only under torchrun"""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+def train_lm(model, tok, codes, scene_idx, state_path, steps, batch, lr, seed, p_gen, p_uncond, log_every=25,
+             save_every=100):
+    """The toy's decoder training: fit on batches drawn from the encoded pool by a per-step seed (a resumed run
+    draws the same data)."""
+    batches = lambda step: make_lm_batch(random.Random(seed * 1_000_003 + 7 + step), tok, model.cfg, codes,
+                                         scene_idx, batch, p_gen, p_uncond)
+    return fit(model, batches, steps, lr, state_path, save_every, log_every)
 
 
 # ---- evaluation: everything through sample.py's own entry points, scored by the pixel checker ----
@@ -491,6 +544,184 @@ def sample_grid(m, path, px, seed, scale=3):
     print(f"wrote {path}")
 
 
+# ---- fine-tuning any checkpoint of ours on examples from a JSONL file (finetune.py reads and checks them) ----
+
+def example_codes(m, ex):
+    """An example's images -> VQ code grids (h, w). Chat images as `sample.py chat` tokenizes them (the checkpoint's
+    pixel limits); a generation image resized to the grid `sample.py image` draws for its aspect ratio at the
+    model's image area (prompts.generate_size), so the prompt's "h*w" is the one generation will write."""
+    pictures = [sample.open_image(p) for p in ex.images]
+    if ex.kind != "generation":
+        return sample.encode_images(m, pictures)
+    [picture] = pictures
+    h, w = prompts.generate_size(f"{picture.width}:{picture.height}", m.cfg.image_area)
+    f = m.vq.spatial_factor
+    picture = to_rgb(picture, m.image.transparency).resize((w * f, h * f), Image.BICUBIC)
+    return sample.encode_images(m, [picture], h * w * f * f, h * w * f * f)
+
+
+def example_sequence(tok, cfg, ex, codes, text=None):
+    """(ids, loss mask) of an example, the prompt built as sample.py builds it: generation
+    prompts.gen_prompt(text), text defaulting to the caption with the positive prompt, then the image's tokens;
+    chat prompts.chat_texts (the original template, or a conversation rendered as the -hf template), then
+    " answer" eos."""
+    if ex.kind == "generation":
+        return gen_sequence(tok, cfg, ex.text + POSITIVE_PROMPT if text is None else text, codes[0])
+    convs = [ex.messages] if ex.kind == "messages" else None
+    [prompt] = prompts.chat_texts([] if convs else [ex.text], codes, conversations=convs)
+    return answer_sequence(tok, cfg, prompt, ex.answer)
+
+
+def prepare(m, examples, where):
+    """Every example's codes, every sequence it can become checked against the model's positions: a one-line
+    error naming FILE:LINE, before any training."""
+    codes = []
+    for ex in examples:
+        try:
+            codes.append(example_codes(m, ex))
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{where}:{ex.line}: {e}") from None
+        texts = [None, NEGATIVE_PROMPT, ""] if ex.kind == "generation" else [None]  # and the CFG branch's
+        longest = max(len(example_sequence(m.tokenizer, m.cfg, ex, codes[-1], t)[0]) for t in texts)
+        if longest > m.cfg.max_seq_len:
+            raise ValueError(f"{where}:{ex.line}: the example is {longest} tokens, more than the model's "
+                             f"{m.cfg.max_seq_len} positions")
+    return codes
+
+
+def finetune_batch(rng, m, examples, codes, n, p_uncond):
+    """n examples drawn at random -> [(ids, loss mask)]; a generation example's caption becomes the negative or an
+    empty prompt with probability p_uncond, as in the toy's training, so that guidance keeps working."""
+    seqs = []
+    for _ in range(n):
+        j = rng.randrange(len(examples))
+        text = gen_text(rng, examples[j].text, p_uncond) if examples[j].kind == "generation" else None
+        seqs.append(example_sequence(m.tokenizer, m.cfg, examples[j], codes[j], text))
+    return seqs
+
+
+@torch.no_grad()
+def mean_loss(model, seqs, batch, pad_id, device, amp):
+    """The mean of sequence_losses over seqs (every process computes all of them: the same forwards everywhere)."""
+    model.eval()
+    total = 0.0
+    for i in range(0, len(seqs), batch):
+        tokens, targets = pad_batch(seqs[i:i + batch], pad_id, device)
+        with amp():
+            total += sequence_losses(model(tokens), targets).sum().item()
+    finetune.reshard(model)
+    return total / len(seqs)
+
+
+def plain_weights(cfg, params, dtype):
+    """{our parameter name: tensor} -> the checkpoint's state dict (wq, wk, wv, w_gate, w_up) in dtype."""
+    with torch.device("meta"):
+        plain = Emu3(cfg)
+    plain.load_state_dict(params, strict=True, assign=True)
+    return {k: v.to(dtype) for k, v in plain.state_dict().items()}
+
+
+def check_finetune_args(steps, batch, lr, save_every, log_every, held_out, p_uncond, lora_rank, world):
+    if min(steps, batch, save_every, log_every) < 1:
+        raise ValueError("--steps, --batch, --save-every and --log-every must be at least 1")
+    if lr <= 0 or not 0 <= held_out < 1 or not 0 <= p_uncond <= 1:
+        raise ValueError(f"need --lr > 0, 0 <= --held-out < 1, 0 <= --p-uncond <= 1; got {lr}, {held_out}, "
+                         f"{p_uncond}")
+    if lora_rank is not None and lora_rank < 1:
+        raise ValueError(f"--lora must be at least 1, got {lora_rank}")
+    if batch % world:
+        raise ValueError(f"--batch {batch} does not split over {world} processes: give a multiple of {world}")
+
+
+def run_finetune(ckpt, data, out, overwrite, resume, steps, batch, lr, save_every, log_every, held_out, p_uncond,
+                 lora_rank, lora_alpha, seed, device, threads, save_dtype):
+    """`python train.py finetune`: everything checked (arguments, folders, every line of the data) before training;
+    then train, print the held-out loss before and after, and write OUT through checkpoint.save."""
+    procs = finetune.start(device)
+    try:
+        finetune_job(procs, ckpt, data, out, overwrite, resume, steps, batch, lr, save_every, log_every, held_out,
+                     p_uncond, lora_rank, lora_alpha, seed, threads, save_dtype)
+    finally:
+        finetune.stop(procs)
+
+
+def finetune_job(procs, ckpt, data, out, overwrite, resume, steps, batch, lr, save_every, log_every, held_out,
+                 p_uncond, lora_rank, lora_alpha, seed, threads, save_dtype):
+    sample.set_threads(threads)
+    check_finetune_args(steps, batch, lr, save_every, log_every, held_out, p_uncond, lora_rank, procs.world)
+    checkpoint.check_out_dir(out, overwrite)
+    if not checkpoint.is_ours(ckpt):
+        raise ValueError(f"{ckpt} is not a checkpoint of ours: convert it first (python convert.py {ckpt} NEW_DIR)")
+    state_path = os.path.abspath(out) + ".state.pt"  # beside OUT: a run killed half-way resumes from it
+    if os.path.exists(state_path) and not resume:
+        raise ValueError(f"{state_path} exists (an interrupted run): give --resume to continue it, or delete it")
+    if resume and not os.path.exists(state_path):
+        raise ValueError(f"--resume: no {state_path} to resume from")
+    examples = finetune.read_examples(data)  # every line checked before the model loads
+    order = random.Random(seed).sample(range(len(examples)), len(examples))
+    n_held = round(len(examples) * held_out)
+    if n_held == len(examples):
+        raise ValueError(f"{data}: {len(examples)} examples leave none to train on with --held-out {held_out}")
+    held = [examples[i] for i in sorted(order[:n_held])]
+    train_set = [examples[i] for i in sorted(order[n_held:])]
+    conf = checkpoint.read_config(ckpt)
+    stored = next(checkpoint.read_tensors(checkpoint.weight_files(ckpt)[0]))[1].dtype
+    dev = procs.device
+    # fp32 master weights; a LoRA fine-tune keeps the frozen weights in bf16 on a GPU (half the memory)
+    m = sample.load(ckpt, dev, "bfloat16" if lora_rank and dev.type == "cuda" else "float32")
+    t0 = time.time()
+    codes = prepare(m, train_set, data)
+    held_seqs = [example_sequence(m.tokenizer, m.cfg, ex, c) for ex, c in zip(held, prepare(m, held, data))]
+    kinds = Counter(ex.kind for ex in train_set)
+    say(f"{len(train_set)} examples ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}), {len(held)} held "
+        f"out; images tokenized in {time.time() - t0:.0f}s")
+    m.vq.cpu()  # frozen, and done with
+    model = m.model
+    lora_alpha = lora_alpha or 2 * (lora_rank or 0)
+    if lora_rank:
+        torch.manual_seed(seed)  # the adapters' init: the same in every process, every run, and a resumed run
+        lora.add(model, lora_rank, lora_alpha)
+    if procs.sharded:
+        finetune.shard(model, procs)
+    # one GPU computes in bf16 under autocast; FSDP casts by its MixedPrecisionPolicy; a CPU runs fp32
+    amp = partial(torch.autocast, "cuda", torch.bfloat16) if dev.type == "cuda" and not procs.sharded else nullcontext
+    say(f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters"
+        f"{f', LoRA rank {lora_rank}' if lora_rank else ''}, {procs.world} process(es) on {dev.type}")
+    before = mean_loss(model, held_seqs, batch, m.cfg.pad_id, dev, amp) if held_seqs else None
+    if before is not None:
+        say(f"held-out loss before: {before:.4f}")
+    with open(data, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    record = {"ckpt": os.path.abspath(ckpt), "data": os.path.abspath(data), "data_sha256": digest,
+              "examples": len(examples),
+              "steps": steps, "batch": batch, "lr": lr, "held_out": held_out, "p_uncond": p_uncond,
+              "seed": seed, "lora": lora_rank, "lora_alpha": lora_alpha if lora_rank else None}
+
+    def batches(step):  # the global batch drawn by a per-step seed; this process trains on its rows of it
+        seqs = finetune_batch(random.Random(seed * 1_000_003 + step), m, train_set, codes, batch, p_uncond)
+        tokens, targets = pad_batch(seqs, m.cfg.pad_id, dev)  # padded as one: the same shapes as one process's
+        return tokens[procs.rank::procs.world], targets[procs.rank::procs.world]
+    fit(model, batches, steps, lr, state_path, save_every, log_every, record, amp)
+    after = mean_loss(model, held_seqs, batch, m.cfg.pad_id, dev, amp) if held_seqs else None
+    if after is not None:
+        say(f"held-out loss after: {after:.4f} (before: {before:.4f}), {len(held_seqs)} examples")
+    params = finetune.gather(model)  # every process takes part; rank 0 writes
+    if procs.rank == 0:
+        if lora_rank:
+            params = lora.merge_state(params, lora_alpha / lora_rank)
+        training = dict(conf.get("training") or {})
+        training["fine_tuned"] = training.get("fine_tuned", []) + [
+            {**record, "kinds": dict(kinds), "held_out_examples": len(held), "processes": procs.world,
+             "held_out_loss": [before, after]}]
+        checkpoint.save(out, m.cfg, [plain_weights(m.cfg, params, checkpoint.parse_dtype(save_dtype or stored))],
+                        m.vq, m.tokenizer, m.image, overwrite=overwrite, source=conf.get("source"),
+                        training=training)
+        os.remove(state_path)
+        say(f"wrote {out}")
+    if procs.sharded:
+        dist.barrier()
+
+
 DEFAULT_OUT = "toy/trained"  # a new folder: the shipped toy/ckpt is written only when named, with --overwrite
 
 # toy sizes: a factor-8 VQ like the real one (4 levels), narrow and with one res block per level
@@ -546,8 +777,9 @@ def main(out, state, overwrite, px, seed, threads, vq_steps, vq_batch, vq_lr, po
     print(f"done in {time.time() - t_start:.0f}s: wrote {out}", flush=True)
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Train (or evaluate) the toy Emu3 on synthetic shapes, on CPU.",
+def toy_parser():
+    p = argparse.ArgumentParser(description="Train (or evaluate) the toy Emu3 on synthetic shapes, on CPU. "
+                                            "`train.py finetune --help`: fine-tune a checkpoint.",
                                 formatter_class=sample.Help)
     p.add_argument("--out", default=DEFAULT_OUT,
                    help="checkpoint dir to write (a new folder), or with --eval the one to score (e.g. toy/ckpt)")
@@ -572,10 +804,54 @@ if __name__ == "__main__":
                    help="score the checkpoint in --out through sample.py instead of training")
     p.add_argument("--n-eval", type=int, default=72, help="images / questions per eval score")
     p.add_argument("--samples", default=None, help="with --eval: also draw the README's sample grid to this PNG")
-    p.add_argument("--dtype", default="bfloat16", choices=list(checkpoint.DTYPES), help="with --eval: decoder dtype")
+    p.add_argument("--dtype", default=None, choices=list(checkpoint.DTYPES),
+                   help="with --eval: decoder dtype (default: sample.py's, float32 on a CPU)")
     p.add_argument("--int8", action="store_true", help="with --eval: score the decoder with int8 weights (quantize.py)")
-    args = p.parse_args()
+    return p
+
+
+def finetune_parser():
+    p = argparse.ArgumentParser(prog="train.py finetune", formatter_class=sample.Help,
+                                description="Fine-tune a checkpoint of ours on the examples of a JSONL file, into a "
+                                            "new checkpoint. Under torchrun: FSDP2 over the processes.")
+    p.add_argument("--ckpt", required=True, help="the checkpoint to start from (ours: convert.py writes it)")
+    p.add_argument("--data", required=True, help='JSONL, one example a line: {"prompt", "image"} (generation), '
+                                                 '{"image", "question", "answer"} or {"messages"} (chat); image '
+                                                 'paths relative to the file')
+    p.add_argument("--out", required=True, help="the new checkpoint dir (training state goes beside it, OUT.state.pt)")
+    p.add_argument("--overwrite", action="store_true", help="allow replacing an existing --out")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run whose OUT.state.pt is there")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps")
+    p.add_argument("--batch", type=int, default=16, help="sequences per step, over all processes")
+    p.add_argument("--lr", type=float, default=5e-4,
+                   help="peak learning rate (50 warm-up steps, cosine to a tenth); the 8.5B wants ~1e-5 in full, "
+                        "~1e-4 with --lora")
+    p.add_argument("--save-every", type=int, default=100, help="write the resumable state every N steps")
+    p.add_argument("--log-every", type=int, default=25, help="print the progress line every N steps")
+    p.add_argument("--held-out", type=float, default=0.1, help="share of the examples never trained on, whose loss "
+                                                               "is printed before and after")
+    p.add_argument("--p-uncond", type=float, default=0.4,
+                   help="share of generation examples whose caption is replaced by the negative or an empty prompt, "
+                        "as in the toy's training (keeps classifier-free guidance working)")
+    p.add_argument("--lora", dest="lora_rank", type=int, default=None,
+                   help="train rank-R adapters on the decoder's projections instead of every weight (merged on save)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="adapter scale alpha / R (default: alpha = 2R)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the batches")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (under torchrun: cuda means one GPU per process)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, all cores)")
+    p.add_argument("--save-dtype", default=None, choices=list(checkpoint.DTYPES),
+                   help="dtype of the written weights (default: the source checkpoint's)")
+    return p
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["finetune"]:
+        args, run = finetune_parser().parse_args(sys.argv[2:]), run_finetune
+    else:
+        args, run = toy_parser().parse_args(), main
     try:
-        main(**vars(args))
+        run(**vars(args))
     except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        # under torchrun every process finds the same problem: one of them says it
+        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)

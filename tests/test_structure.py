@@ -61,7 +61,7 @@ def find_cycle(edges):
 def test_no_import_cycle():
     edges = graph()
     assert set(MODULES) >= {"emu3", "vqvae", "tokenizer", "checkpoint", "convert", "prompts", "generate", "sample",
-                            "quantize", "tp"}
+                            "quantize", "tp", "lora", "finetune", "train"}
     cycle = find_cycle(edges)
     assert cycle is None, " -> ".join(cycle)
     # the layering the README describes: models at the bottom, the jobs on top
@@ -69,6 +69,10 @@ def test_no_import_cycle():
     assert "sample" not in edges["convert"] and "convert" not in edges["checkpoint"]
     # int8 and several processes transform a loaded model: they import no project file, and the models not them
     assert edges["quantize"] == set() and edges["tp"] == set()
+    # fine-tuning in its own rooms (adapters; the data format and FSDP2), which no model, loader or sampler imports
+    assert edges["lora"] == set() and edges["finetune"] <= {"prompts"}
+    assert not {"lora", "finetune", "train", "spanish"} & set().union(
+        *(edges[m] for m in ("emu3", "vqvae", "checkpoint", "convert", "prompts", "generate", "sample")))
 
 
 def test_the_cycle_finder_finds_cycles():
