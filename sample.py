@@ -683,7 +683,9 @@ def main(argv=None):
     args.pop("command")
     try:
         run(**args)
+        tp.finish()
     except (ValueError, OSError) as e:
+        tp.finish()  # a ValueError is found by every process alike, outside any collective
         sys.exit(f"error: {e}" if tp.first() else 1)  # every process finds it; the first one says it
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

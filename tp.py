@@ -73,6 +73,14 @@ def start(device):
                                 device_id=device if device.type == "cuda" else None)
 
 
+def finish():
+    """Leave the process group, if this process joined one. Every torchrun process calls it before exiting: gloo's
+    worker threads still alive at interpreter exit abort the process ("terminate called without an active
+    exception", SIGABRT, now and then), and NCCL asks for it too (torch.distributed's "Shutdown" docs)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def setup(device, cfg, tensor_parallel):
     """Before a decoder loads on `device`: a one-line error for --tp outside torchrun or a model that does not split,
     then torchrun's process group joined (tensor and data parallel both need it). Returns shard = (rank, world) for
