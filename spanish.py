@@ -7,7 +7,7 @@ lesson never shows a scene of train.HELD_OUT, the 36 scenes the toy never saw in
 asks for a combination of words the model learnt elsewhere, in a language it learnt from the lesson alone. Some of
 the toy's own English lines are mixed in (rehearsal), so that English is not forgotten.
 
-    python spanish.py lesson --out toy/spanish              # lesson.jsonl + 800 48x48 PNGs
+    python spanish.py lesson --out toy/spanish              # lesson.jsonl + 1100 48x48 PNGs
     python train.py finetune --ckpt toy/ckpt --data toy/spanish/lesson.jsonl --out toy/ckpt-es
     python spanish.py eval --ckpt toy/ckpt-es --before toy/ckpt --picture toy/finetune.png
 
@@ -20,6 +20,7 @@ import os
 import random
 import re
 import sys
+import unicodedata
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -109,9 +110,12 @@ def evaluate(ckpt, n_eval, seed, px=48):
     for q, keys in ASKED:
         answers = chat(m, q, imgs, px)
         spanish = [a.strip().startswith(("Es ", "Está ", "Un ")) for a in answers]
+        forms = {answer(q, s) for s in train.ALL_SCENES}  # every answer this question can have, right or wrong
+        whole = [a.strip() in forms for a in answers]
         right = [all(re.search(rf"\b{words(s)[k]}\b", a, re.I) for k in keys) for a, s in zip(answers, scenes)]
-        print(f"  chat {q!r}: answered in Spanish {train.pct(spanish)}, naming the right {' and '.join(keys)} "
-              f"{train.pct(right)}  (e.g. {answers[0].strip()!r} for {caption(scenes[0])!r})", flush=True)
+        print(f"  chat {q!r}: answered in Spanish {train.pct(spanish)} (a whole, well-spelt answer "
+              f"{train.pct(whole)}), naming the right {' and '.join(keys)} {train.pct(right)}  "
+              f"(e.g. {answers[0].strip()!r} for {caption(scenes[0])!r})", flush=True)
     answers = chat(m, "What colour is the shape?", imgs, px)
     right = [re.search(rf"\b{s[1]}\b", a) is not None for a, s in zip(answers, scenes)]
     print(f"  chat 'What colour is the shape?': names the right colour {train.pct(right)} "
@@ -132,9 +136,10 @@ def picture(path, captions, before, after, px=48, scale=2, cols=4):
     rows = -(-len(captions) // cols)
     grid = Image.new("RGB", (cols * w, 14 + rows * h), (255, 255, 255))
     d = ImageDraw.Draw(grid)
-    font = ImageFont.load_default(size=11)  # Pillow's own TrueType font: it has the accented letters
-    d.text((4, 0), "each pair: before | after", fill=(90, 90, 90), font=font)
-    for k, (c, b, a) in enumerate(zip(captions, before, after)):
+    font = ImageFont.load_default(size=11)  # Pillow's own TrueType font, which has no accented letters: dropped
+    d.text((4, 0), "each pair: before | after (accents left out of the labels)", fill=(90, 90, 90), font=font)
+    plain = lambda c: "".join(ch for ch in unicodedata.normalize("NFD", c) if not unicodedata.combining(ch))
+    for k, (c, b, a) in enumerate(zip(map(plain, captions), before, after)):
         x, y = (k % cols) * w + 4, 14 + (k // cols) * h
         lines, cur = [], ""
         for word in c.split(" "):  # wrap at the cell's width
@@ -153,13 +158,20 @@ def picture(path, captions, before, after, px=48, scale=2, cols=4):
 def main(command, out, n_gen, n_chat, n_english, seed, ckpt, before, picture_path, n_eval):
     if command == "lesson":
         return lesson(out, n_gen, n_chat, n_english, seed)
+    if n_eval < 1:
+        raise ValueError(f"--n-eval {n_eval}: score at least one image")
+    if picture_path and (not before or n_eval < len(train.HELD_OUT)):
+        raise ValueError(f"--picture needs --before and --n-eval of at least {len(train.HELD_OUT)} (every held-out "
+                         f"scene drawn once)")
     if picture_path:
         sample.image_paths(picture_path, 1)  # checked before the long evaluation
     after = evaluate(ckpt, n_eval, seed)
     if before:
         first = evaluate(before, n_eval, seed)
-        if picture_path:  # the first two held-out scenes of each colour, in the order of train.COLOURS
-            pick = [i for c in train.COLOURS for i in [i for i, s in enumerate(train.HELD_OUT) if s[1] == c][:2]]
+        if picture_path:  # two held-out scenes of each colour, in the order of train.COLOURS, every shape shown
+            shapes = list(train.SHAPES)
+            pick = [next(i for i, s in enumerate(train.HELD_OUT) if s[:2] == (shapes[(k + j) % 3], c))
+                    for k, c in enumerate(train.COLOURS) for j in (0, 1)]
             picture(picture_path, [caption(train.HELD_OUT[i]) for i in pick], [first[i] for i in pick],
                     [after[i] for i in pick])
 
@@ -168,9 +180,9 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=sample.Help)
     p.add_argument("command", choices=["lesson", "eval"], help="write the lesson, or score a checkpoint")
     p.add_argument("--out", default="toy/spanish", help="lesson: the folder to write")
-    p.add_argument("--n-gen", type=int, default=400, help="lesson: Spanish caption lines")
-    p.add_argument("--n-chat", type=int, default=250, help="lesson: Spanish question lines")
-    p.add_argument("--n-english", type=int, default=150, help="lesson: English lines mixed in (half captions)")
+    p.add_argument("--n-gen", type=int, default=600, help="lesson: Spanish caption lines")
+    p.add_argument("--n-chat", type=int, default=200, help="lesson: Spanish question lines")
+    p.add_argument("--n-english", type=int, default=300, help="lesson: English lines mixed in (half captions)")
     p.add_argument("--seed", type=int, default=0, help="drawing seed (lesson), sampling seed (eval)")
     p.add_argument("--ckpt", default="toy/ckpt-es", help="eval: the fine-tuned checkpoint")
     p.add_argument("--before", default=None, help="eval: also score this one (the checkpoint it started from)")

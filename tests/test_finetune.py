@@ -264,3 +264,20 @@ def test_lora_run_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys):
         assert torch.equal(x, y), name
         # LoRA touches the block projections only; embeddings, norms and lm_head are the source's
         assert torch.equal(x, z) == (not re.search(r"\.(wq|wk|wv|wo|w_gate|w_up|w_down)\.", name)), name
+
+
+def test_spanish_lesson_is_good_data_of_trained_scenes_only(tmp_path):
+    # the worked example's lesson: every line reads as fine-tuning data, the kinds in the asked numbers, and no
+    # held-out scene in it (the evaluation's captions must be combinations the lesson never showed)
+    import spanish
+    spanish.lesson(str(tmp_path / "l"), n_gen=60, n_chat=6, n_english=5, seed=3)
+    examples = finetune.read_examples(str(tmp_path / "l" / "lesson.jsonl"))
+    assert [sum(e.kind == k for e in examples) for k in ("generation", "chat")] == [60 + 2, 6 + 3]
+    held = {spanish.caption(s) for s in train.HELD_OUT} | {train.caption(s) for s in train.HELD_OUT}
+    assert not held & {e.text for e in examples if e.kind == "generation"}
+    assert sum(e.text in spanish.QUESTIONS for e in examples) == 6
+    with pytest.raises(ValueError, match="not empty"):
+        spanish.lesson(str(tmp_path / "l"), n_gen=1, n_chat=1, n_english=0, seed=3)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "spanish.py"), "eval", "--ckpt", TOY, "--picture",
+                        str(tmp_path / "p.png"), "--n-eval", "4"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: --picture needs --before") and not r.stdout
