@@ -169,8 +169,8 @@ def main(command, out, n_gen, n_chat, n_english, seed, ckpt, before, picture_pat
     if before:
         first = evaluate(before, n_eval, seed)
         if picture_path:  # two held-out scenes of each colour, in the order of train.COLOURS, every shape shown
-            shapes = list(train.SHAPES)
-            pick = [next(i for i, s in enumerate(train.HELD_OUT) if s[:2] == (shapes[(k + j) % 3], c))
+            shapes = train.SHAPES
+            pick = [next(i for i, s in enumerate(train.HELD_OUT) if s[:2] == (shapes[(k + j) % len(shapes)], c))
                     for k, c in enumerate(train.COLOURS) for j in (0, 1)]
             picture(picture_path, [caption(train.HELD_OUT[i]) for i in pick], [first[i] for i in pick],
                     [after[i] for i in pick])

@@ -160,9 +160,9 @@ def test_no_two_positions_share_their_noise():
     # The test above builds its pairs from the old construction's keys; this one assumes no construction. Any
     # hash(id ^ key_p), whatever the key, gives positions whose keys differ by D < 2^12 the same noise values over
     # an aligned block of 2^12 ids, rearranged (id -> id ^ D maps the block onto itself): the same 8 largest values.
-    # Independent streams share them with probability ~(8 / 2^23)^8 a pair. Measured over a 90x90 grid's 8193
-    # positions: 0 shared here; 36 with hash(id ^ key) on the current hashed-position key, which the test above
-    # misses.
+    # Independent streams (4096 draws each from 2^23 values) share all 8 with a negligible chance. Over a 90x90
+    # grid's 8193 positions: 0 shared here; 36 with hash(id ^ key) on the current hashed-position key, which the
+    # test above misses.
     n, ids = 90 * 91 + 3, torch.arange(2**17, 2**17 + 2**12)
     tops = torch.cat([generate.gumbel(torch.tensor([0]), torch.arange(a, min(a + 256, n)), ids)[0].topk(8, -1).values
                       for a in range(0, n, 256)])
